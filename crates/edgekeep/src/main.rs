@@ -1,0 +1,104 @@
+//! `edgekeep`: the manager server, the device agent and the command line.
+
+mod archive_cmd;
+mod agent_cmd;
+mod bench;
+mod cli;
+mod quickstart;
+mod server_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgekeep",
+    version,
+    about = "Backup and restore for fleets of edge devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the manager server: REST API, job dispatcher and embedded S3 endpoint.
+    Server(server_cmd::ServerArgs),
+    /// Run the device agent: activate once, then run backup and restore jobs.
+    Agent(agent_cmd::AgentArgs),
+    /// Manage projects.
+    #[command(subcommand)]
+    Project(cli::project::ProjectCommand),
+    /// Manage devices and their activation codes.
+    #[command(subcommand)]
+    Device(cli::device::DeviceCommand),
+    /// Make, list, download, upload and restore backups.
+    #[command(subcommand)]
+    Backup(cli::backup::BackupCommand),
+    /// Show, follow and cancel jobs.
+    #[command(subcommand)]
+    Job(cli::job::JobCommand),
+    /// Manage API tokens (administrator token required).
+    #[command(subcommand)]
+    Token(cli::token::TokenCommand),
+    /// Pack, unpack, verify and inspect `.dat` archives locally.
+    #[command(subcommand)]
+    Archive(archive_cmd::ArchiveCommand),
+    /// Run the whole backup and restore workflow on this machine and check it.
+    Quickstart(quickstart::QuickstartArgs),
+    /// Measure packing and unpacking speed and memory against tar and zstd.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.command);
+    let result = match cli.command {
+        Command::Archive(command) => archive_cmd::run(command),
+        Command::Bench(args) => bench::run(args),
+        command => run_async(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match command {
+            Command::Server(args) => server_cmd::run(args).await,
+            Command::Agent(args) => agent_cmd::run(args).await,
+            Command::Project(command) => cli::project::run(command).await,
+            Command::Device(command) => cli::device::run(command).await,
+            Command::Backup(command) => cli::backup::run(command).await,
+            Command::Job(command) => cli::job::run(command).await,
+            Command::Token(command) => cli::token::run(command).await,
+            Command::Quickstart(args) => quickstart::run(args).await,
+            Command::Archive(_) | Command::Bench(_) => unreachable!("run without a runtime"),
+        }
+    })
+}
+
+/// Long-running commands log at info by default; CLI commands log only
+/// warnings so their output stays readable. `RUST_LOG` overrides both.
+fn init_logging(command: &Command) {
+    let default = match command {
+        Command::Server(_) | Command::Agent(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
