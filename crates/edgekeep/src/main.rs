@@ -29,20 +29,15 @@ enum Command {
     /// Run the device agent: activate once, then run backup and restore jobs.
     Agent(agent_cmd::AgentArgs),
     /// Manage projects.
-    #[command(subcommand)]
-    Project(cli::project::ProjectCommand),
+    Project(cli::project::ProjectArgs),
     /// Manage devices and their activation codes.
-    #[command(subcommand)]
-    Device(cli::device::DeviceCommand),
+    Device(cli::device::DeviceArgs),
     /// Make, list, download, upload and restore backups.
-    #[command(subcommand)]
-    Backup(cli::backup::BackupCommand),
+    Backup(cli::backup::BackupArgs),
     /// Show, follow and cancel jobs.
-    #[command(subcommand)]
-    Job(cli::job::JobCommand),
+    Job(cli::job::JobArgs),
     /// Manage API tokens (administrator token required).
-    #[command(subcommand)]
-    Token(cli::token::TokenCommand),
+    Token(cli::token::TokenArgs),
     /// Pack, unpack, verify and inspect `.dat` archives locally.
     #[command(subcommand)]
     Archive(archive_cmd::ArchiveCommand),
@@ -77,11 +72,11 @@ fn run_async(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Server(args) => server_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::run(args).await,
-            Command::Project(command) => cli::project::run(command).await,
-            Command::Device(command) => cli::device::run(command).await,
-            Command::Backup(command) => cli::backup::run(command).await,
-            Command::Job(command) => cli::job::run(command).await,
-            Command::Token(command) => cli::token::run(command).await,
+            Command::Project(args) => cli::project::run(args).await,
+            Command::Device(args) => cli::device::run(args).await,
+            Command::Backup(args) => cli::backup::run(args).await,
+            Command::Job(args) => cli::job::run(args).await,
+            Command::Token(args) => cli::token::run(args).await,
             Command::Quickstart(args) => quickstart::run(args).await,
             Command::Archive(_) | Command::Bench(_) => unreachable!("run without a runtime"),
         }

@@ -1,11 +1,46 @@
-//! Placeholder, replaced by the real command.
+//! `edgekeep project ...`
 
-#[derive(Debug, clap::Subcommand)]
-pub enum ProjectCommand {
-    /// Not yet available.
-    Placeholder,
+use clap::{Args, Subcommand};
+
+use super::{Connection, format_time};
+
+#[derive(Debug, Args)]
+pub struct ProjectArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: ProjectCommand,
 }
 
-pub async fn run(_command: ProjectCommand) -> anyhow::Result<()> {
-    anyhow::bail!("not available yet")
+#[derive(Debug, Subcommand)]
+enum ProjectCommand {
+    /// Create a project.
+    Create {
+        /// Name of the new project.
+        name: String,
+    },
+    /// List projects.
+    List,
+}
+
+pub async fn run(args: ProjectArgs) -> anyhow::Result<()> {
+    let connection = args.connection;
+    let client = connection.client()?;
+    match args.command {
+        ProjectCommand::Create { name } => {
+            let project = client.create_project(&name).await?;
+            connection.print(&project, |p| {
+                println!("created project {} ({})", p.id, p.name);
+            })
+        }
+        ProjectCommand::List => {
+            let projects = client.list_projects().await?;
+            connection.print(&projects, |projects| {
+                println!("{:>6}  {:<30}  CREATED (UTC)", "ID", "NAME");
+                for p in projects {
+                    println!("{:>6}  {:<30}  {}", p.id, p.name, format_time(p.created_at));
+                }
+            })
+        }
+    }
 }

@@ -1,0 +1,117 @@
+//! Error statuses of the LEM-compatible API: 400, 401, 403 and 404.
+
+use edgekeep_api::CreateToken;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::harness::*;
+
+async fn call(server: &Server, token: Option<&str>, method: reqwest::Method, path_and_query: &str) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("{}{path_and_query}", server.api));
+    if let Some(token) = token {
+        request = request.header("X-AuthToken", token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], status.as_str(), "envelope code matches the status: {body}");
+    assert_eq!(body["content"], Value::Null);
+    (status, body)
+}
+
+fn message(body: &Value) -> String {
+    body["message"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_missing_unknown_revoked_or_expired_get_401() {
+    let server = Server::start();
+    let client = server.client();
+    let project = client.create_project("p").await.unwrap().id;
+    let list = format!("/api/v1/backup/list?projectId={project}&deviceId=1");
+
+    let (status, _) = call(&server, None, reqwest::Method::GET, &list).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(&server, Some("ek_0000"), reqwest::Method::GET, &list).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let revoked = client
+        .create_token(&CreateToken { name: "old".into(), project_ids: None, expires_at: None })
+        .await
+        .unwrap();
+    client.revoke_token(revoked.info.id).await.unwrap();
+    let (status, body) = call(&server, Some(&revoked.token), reqwest::Method::GET, &list).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(message(&body).contains("revoked"), "{body}");
+
+    let expired = client
+        .create_token(&CreateToken { name: "short".into(), project_ids: None, expires_at: Some(1) })
+        .await
+        .unwrap();
+    let (status, body) = call(&server, Some(&expired.token), reqwest::Method::GET, &list).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(message(&body).contains("expired"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scoped_token_gets_403_for_other_project() {
+    let server = Server::start();
+    let client = server.client();
+    let mine = client.create_project("mine").await.unwrap().id;
+    let other = client.create_project("other").await.unwrap().id;
+    let device = client.create_device(other, "d").await.unwrap().device.id;
+    let scoped = client
+        .create_token(&CreateToken { name: "line".into(), project_ids: Some(vec![mine]), expires_at: None })
+        .await
+        .unwrap();
+
+    let path = format!("/api/v1/backup/init-backup?projectId={other}&deviceId={device}");
+    let (status, body) = call(&server, Some(&scoped.token), reqwest::Method::POST, &path).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(message(&body).contains(&other.to_string()), "names the project: {body}");
+    let own = format!("/api/v1/backup/list?projectId={mine}&deviceId=999");
+    let (status, _) = call(&server, Some(&scoped.token), reqwest::Method::GET, &own).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the scope covers its own project");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_project_device_or_backup_gets_404() {
+    let server = Server::start();
+    let client = server.client();
+    let project = client.create_project("p").await.unwrap().id;
+    let device = client.create_device(project, "d").await.unwrap().device.id;
+    let token = Some(server.token.as_str());
+
+    let (status, body) = call(&server, token, reqwest::Method::GET, &format!("/api/v1/backup/list?projectId=9999&deviceId={device}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(message(&body).contains("9999"), "{body}");
+    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/init-backup?projectId={project}&deviceId=777")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(message(&body).contains("777"), "{body}");
+    let (status, _) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/get?projectId={project}&deviceId={device}&backupType=MASTER&timestamp=123")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/init-restore?projectId={project}&deviceId={device}&backupType=MASTER&timestamp=123")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_or_invalid_parameter_gets_400_naming_it() {
+    let server = Server::start();
+    let client = server.client();
+    let project = client.create_project("p").await.unwrap().id;
+    let device = client.create_device(project, "d").await.unwrap().device.id;
+    let token = Some(server.token.as_str());
+
+    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/init-backup?projectId={project}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message(&body).contains("deviceId"), "{body}");
+    let (status, body) = call(&server, token, reqwest::Method::GET, &format!("/api/v1/backup/list?projectId=abc&deviceId={device}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message(&body).contains("projectId"), "{body}");
+    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/get?projectId={project}&deviceId={device}&backupType=MASTER")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message(&body).contains("timestamp"), "{body}");
+    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/put?projectId={project}&deviceId={device}&backupType=PARTIAL")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message(&body).contains("backupType"), "{body}");
+}
