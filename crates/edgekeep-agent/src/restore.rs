@@ -1,0 +1,296 @@
+//! Restoring an archive onto the state folder: verify, check compatibility,
+//! stage, swap atomically, and roll back on any failure.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use edgekeep_archive::{ArchivePath, FORMAT_VERSION, Manifest, Progress};
+
+use crate::config::AgentConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{FileCopy, copy_entry, create_parents, exchange, inode, remove_any};
+use crate::home::AgentHome;
+use crate::hooks::{HookContext, run_hook};
+use crate::journal::{Journal, JournalPhase, swap_back_if_swapped};
+use crate::selection::{Class, SQLITE_SIDE_FILES, Selection, is_within};
+use crate::version::compare_versions;
+
+/// The device a restore runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTarget<'a> {
+    pub config: &'a AgentConfig,
+    /// The state folder, as an absolute path without symlinks.
+    pub state_dir: &'a Path,
+    pub home: &'a AgentHome,
+    pub device_uid: &'a str,
+    pub arch: &'a str,
+    pub platform_version: &'a str,
+}
+
+/// Progress fractions of a restore, after the download.
+const VERIFY_SPAN: (f64, f64) = (0.5, 0.7);
+const UNPACK_SPAN: (f64, f64) = (0.7, 0.9);
+
+/// Restores the archive at `archive` onto the target's state folder for job
+/// `job_id`.
+///
+/// Nothing in the state changes before the archive has passed a full
+/// verification, the compatibility check, the `pre_restore` hook, unpacking
+/// and a check of the staged tree. A failure before the swap deletes the
+/// staging folder. A failure of `post_restore`, or `cancelled` turning true
+/// before it runs, swaps the old state back. After a swap the journal is
+/// left in phase `committed` or `rolled_back` for the caller to report and
+/// remove.
+pub fn restore_archive(
+    target: RestoreTarget<'_>,
+    job_id: i64,
+    archive: &Path,
+    cancelled: &AtomicBool,
+    progress: &mut dyn FnMut(f64),
+) -> Result<Manifest> {
+    let hook_context = HookContext {
+        job_id: Some(job_id),
+        state_dir: target.state_dir,
+    };
+
+    // Verify the whole file and check that it fits this device.
+    let verified = edgekeep_archive::verify(archive, &mut |p| progress(scale(p, VERIFY_SPAN)))?;
+    let manifest = verified.manifest;
+    check_compatible(&manifest, target.arch, target.platform_version)?;
+    check_cancelled(cancelled)?;
+
+    if let Some(hook) = &target.config.hooks.pre_restore {
+        run_hook("pre_restore", hook, hook_context)?;
+    }
+
+    // Stage the complete new state; any failure leaves the state untouched.
+    let staging = target.home.staging_path(job_id);
+    let staged = stage(target, &manifest, archive, &staging, cancelled, progress);
+    if let Err(err) = staged {
+        let _ = remove_any(&staging);
+        run_post_restore_after_failure(target, hook_context);
+        return Err(err);
+    }
+
+    // Swap, then let post_restore decide.
+    let mut journal = swap_in(target, job_id, &staging)?;
+    progress(0.95);
+    let post = match &target.config.hooks.post_restore {
+        _ if cancelled.load(Ordering::SeqCst) => Err(Error::Cancelled),
+        Some(hook) => run_hook("post_restore", hook, hook_context),
+        None => Ok(()),
+    };
+    match post {
+        Ok(()) => {
+            journal.advance(target.home, JournalPhase::Committed)?;
+            remove_any(&staging)?;
+            tracing::info!(
+                job_id,
+                entries = manifest.entries.len(),
+                "restore committed"
+            );
+            progress(1.0);
+            Ok(manifest)
+        }
+        Err(err) => {
+            roll_back(target, &mut journal, &err)?;
+            run_post_restore_after_failure(target, hook_context);
+            Err(err)
+        }
+    }
+}
+
+/// Rejects an archive this device cannot take, naming both values.
+pub fn check_compatible(manifest: &Manifest, arch: &str, platform_version: &str) -> Result<()> {
+    if manifest.format_version == 0 || manifest.format_version > FORMAT_VERSION {
+        return Err(Error::Incompatible(format!(
+            "the backup has archive format version {}, this agent reads versions 1 to \
+             {FORMAT_VERSION}; upgrade the agent",
+            manifest.format_version
+        )));
+    }
+    let source = &manifest.source;
+    if source.arch != arch {
+        return Err(Error::Incompatible(format!(
+            "the backup is from a {} device and this device is {arch}; restore a backup made on \
+             a {arch} device",
+            source.arch
+        )));
+    }
+    let ordering = compare_versions(platform_version, &source.platform_version)
+        .map_err(Error::Incompatible)?;
+    if ordering.is_lt() {
+        return Err(Error::Incompatible(format!(
+            "the backup is from platform version {} and this device runs the older {}; upgrade \
+             this device to {} or later first",
+            source.platform_version, platform_version, source.platform_version
+        )));
+    }
+    Ok(())
+}
+
+fn check_cancelled(cancelled: &AtomicBool) -> Result<()> {
+    if cancelled.load(Ordering::SeqCst) {
+        return Err(Error::Cancelled);
+    }
+    Ok(())
+}
+
+fn scale(progress: Progress, (from, to): (f64, f64)) -> f64 {
+    let fraction = if progress.total_bytes == 0 {
+        1.0
+    } else {
+        progress.done_bytes as f64 / progress.total_bytes as f64
+    };
+    from + (to - from) * fraction.clamp(0.0, 1.0)
+}
+
+/// Builds the new state in `staging` and checks it against the manifest.
+fn stage(
+    target: RestoreTarget<'_>,
+    manifest: &Manifest,
+    archive: &Path,
+    staging: &Path,
+    cancelled: &AtomicBool,
+    progress: &mut dyn FnMut(f64),
+) -> Result<()> {
+    remove_any(staging)?;
+    edgekeep_archive::unpack(archive, staging, &mut |p| progress(scale(p, UNPACK_SPAN)))?;
+    let selection = Selection::new(target.config)?;
+
+    // Keep what the backup does not cover, then the identity and databases.
+    keep_current_entries(&selection, target.state_dir, staging, "")?;
+    let other_device = manifest.source.device_uid != target.device_uid;
+    if other_device {
+        keep_identity(target, staging)?;
+    }
+    for database in selection.databases() {
+        for suffix in SQLITE_SIDE_FILES {
+            remove_any(&staging.join(format!("{database}{suffix}")))?;
+        }
+    }
+    let state_mode = std::fs::metadata(target.state_dir)
+        .at("reading", target.state_dir)?
+        .mode();
+    std::fs::set_permissions(
+        staging,
+        std::fs::Permissions::from_mode(state_mode & 0o7777),
+    )
+    .at("setting mode of", staging)?;
+
+    // Every manifest entry must be in place, except replaced identity paths.
+    let mut expected = manifest.clone();
+    if other_device {
+        expected
+            .entries
+            .retain(|entry| !is_identity(&target.config.identity, &entry.path));
+    }
+    edgekeep_archive::verify_tree(&expected, staging)?;
+    check_cancelled(cancelled)
+}
+
+fn is_identity(identity: &[String], path: &ArchivePath) -> bool {
+    let path = String::from_utf8_lossy(path.as_bytes());
+    identity.iter().any(|id| is_within(&path, id))
+}
+
+/// Brings the entries of the current state that the backup does not cover
+/// into `staging`: hard links for regular files, new folders and symlinks.
+/// Where the backup contains the same path, the backup's entry stays.
+///
+/// NOTE: a hard-linked file shares its inode with the rollback copy, so a
+/// `post_restore` hook that rewrites such a file in place, rather than by
+/// rename, also changes the copy a rollback puts back.
+fn keep_current_entries(
+    selection: &Selection,
+    state_dir: &Path,
+    staging: &Path,
+    rel_dir: &str,
+) -> Result<()> {
+    let dir = state_dir.join(rel_dir);
+    for entry in std::fs::read_dir(&dir).at("listing", &dir)? {
+        let entry = entry.at("listing", &dir)?;
+        let name = entry.file_name();
+        let rel = if rel_dir.is_empty() {
+            name.to_string_lossy().into_owned()
+        } else {
+            format!("{rel_dir}/{}", name.to_string_lossy())
+        };
+        let is_dir = entry.file_type().at("reading", entry.path())?.is_dir();
+        match selection.classify(&rel) {
+            Class::Dropped | Class::Database => {}
+            Class::Backed | Class::Ancestor if is_dir => {
+                keep_current_entries(selection, state_dir, staging, &rel)?;
+            }
+            Class::Backed | Class::Ancestor => {}
+            Class::Kept => {
+                let to = staging.join(&rel);
+                if std::fs::symlink_metadata(&to).is_ok() {
+                    tracing::debug!(path = %rel, "the backup contains an excluded path; keeping the backup's entry");
+                    continue;
+                }
+                create_parents(state_dir, staging, &rel)?;
+                copy_entry(&entry.path(), &to, FileCopy::HardLink)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the backup's identity paths in `staging` with copies of this
+/// device's.
+fn keep_identity(target: RestoreTarget<'_>, staging: &Path) -> Result<()> {
+    for id in &target.config.identity {
+        let staged = staging.join(id);
+        remove_any(&staged)?;
+        let current = target.state_dir.join(id);
+        if std::fs::symlink_metadata(&current).is_ok() {
+            create_parents(target.state_dir, staging, id)?;
+            copy_entry(&current, &staged, FileCopy::Copy)?;
+        }
+        tracing::debug!(path = %id, "kept this device's identity path");
+    }
+    Ok(())
+}
+
+/// Journals the swap, exchanges staging and the state folder, and journals
+/// that the old state now sits at the staging path.
+fn swap_in(target: RestoreTarget<'_>, job_id: i64, staging: &Path) -> Result<Journal> {
+    let mut journal = Journal::new(job_id, target.state_dir, staging, inode(staging)?);
+    let swapped = journal
+        .write(target.home)
+        .and_then(|()| exchange(staging, target.state_dir));
+    if let Err(err) = swapped {
+        // The journal write or the exchange failed; settle both before
+        // leaving so no journal points at a deleted staging folder.
+        swap_back_if_swapped(&journal)?;
+        remove_any(staging)?;
+        crate::journal::remove_journal(target.home)?;
+        return Err(err);
+    }
+    journal.advance(target.home, JournalPhase::Swapped)?;
+    tracing::info!(job_id, "swapped the new state in");
+    Ok(journal)
+}
+
+/// Puts the old state back after a swap and records why.
+fn roll_back(target: RestoreTarget<'_>, journal: &mut Journal, err: &Error) -> Result<()> {
+    swap_back_if_swapped(journal)?;
+    journal.reason = Some(format!("{err}; the previous state was put back"));
+    journal.advance(target.home, JournalPhase::RolledBack)?;
+    remove_any(&journal.staging)?;
+    tracing::warn!(job_id = journal.job_id, error = %err, "restore rolled back");
+    Ok(())
+}
+
+/// Runs `post_restore` on the unchanged state after a failed restore, so
+/// services that `pre_restore` stopped start again. Its own failure is only
+/// logged.
+fn run_post_restore_after_failure(target: RestoreTarget<'_>, context: HookContext<'_>) {
+    if let Some(hook) = &target.config.hooks.post_restore
+        && let Err(err) = run_hook("post_restore", hook, context)
+    {
+        tracing::warn!(error = %err, "post_restore hook failed on the previous state");
+    }
+}

@@ -1,0 +1,422 @@
+//! The job loop against a loopback stub of the agent protocol and of
+//! pre-signed storage URLs. The real server cannot be a dependency of the
+//! agent crate, so the stub serves the few calls the agent makes.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Device, IDENTITY_CONFIG, read, snapshot_tree};
+use edgekeep_agent::{AgentOptions, JournalPhase};
+use edgekeep_api::agent::{AgentJob, JobResult};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CREDENTIAL: &str = "device-credential-secret";
+
+#[derive(Default)]
+struct Stub {
+    jobs: VecDeque<AgentJob>,
+    /// Number of results to wait for before polls get a 401 response.
+    expected_results: usize,
+    results: Vec<(i64, JobResult)>,
+    progress: Vec<(i64, f64)>,
+    /// Objects behind the storage URLs, by path.
+    objects: HashMap<String, Vec<u8>>,
+    /// Paths and Content-Length headers of the PUT requests.
+    puts: Vec<(String, Option<u64>)>,
+    activations: u32,
+    /// Requests that carried a credential other than [`CREDENTIAL`].
+    unauthorized: u32,
+    /// Whether progress replies report the job as cancelled.
+    cancel_jobs: bool,
+    /// Delay before a storage download is served.
+    download_delay: Duration,
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+async fn start_stub(stub: Arc<Mutex<Stub>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve(stream, stub.clone()));
+        }
+    });
+    format!("http://{address}")
+}
+
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut buffer = Vec::new();
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let mut chunk = [0u8; 8192];
+        let read = stream.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut start = lines.next()?.split(' ');
+    let method = start.next()?.to_string();
+    let path = start.next()?.to_string();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buffer[head_end + 4..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let read = stream.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..read]);
+    }
+    Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    })
+}
+
+async fn serve(mut stream: TcpStream, stub: Arc<Mutex<Stub>>) {
+    let Some(request) = read_request(&mut stream).await else {
+        return;
+    };
+    if request.method == "GET" && request.path.starts_with("/store/") {
+        let delay = stub.lock().unwrap().download_delay;
+        tokio::time::sleep(delay).await;
+    }
+    if request.path.starts_with("/agent/v1/jobs/next") {
+        // Return an empty queue after a short wait, as a long poll would.
+        let empty = stub.lock().unwrap().jobs.is_empty();
+        if empty {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (status, body) = route(&request, &mut stub.lock().unwrap());
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
+}
+
+fn envelope(content: Value) -> (u16, Vec<u8>) {
+    (
+        200,
+        json!({"code": "200", "content": content})
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+fn route(request: &Request, stub: &mut Stub) -> (u16, Vec<u8>) {
+    let path = request.path.split('?').next().unwrap().to_string();
+    if let Some(object) = path.strip_prefix("/store/") {
+        return match request.method.as_str() {
+            "PUT" => {
+                let length = request
+                    .headers
+                    .get("content-length")
+                    .and_then(|v| v.parse().ok());
+                stub.puts.push((object.to_string(), length));
+                stub.objects
+                    .insert(object.to_string(), request.body.clone());
+                (200, Vec::new())
+            }
+            _ => match stub.objects.get(object) {
+                Some(bytes) => (200, bytes.clone()),
+                None => (404, Vec::new()),
+            },
+        };
+    }
+    if path == "/agent/v1/activate" {
+        stub.activations += 1;
+        return envelope(json!({
+            "projectId": 1, "deviceId": 2, "deviceUid": "uid-b",
+            "deviceName": "line-2", "credential": CREDENTIAL,
+        }));
+    }
+    let authorized = request.headers.get("authorization").map(String::as_str)
+        == Some(&format!("Bearer {CREDENTIAL}"));
+    if !authorized {
+        stub.unauthorized += 1;
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["agent", "v1", "jobs", "next"] => {
+            if stub.jobs.is_empty() && stub.results.len() >= stub.expected_results {
+                let body = json!({"code": "401", "message": "credential revoked", "content": null});
+                return (401, body.to_string().into_bytes());
+            }
+            envelope(serde_json::to_value(stub.jobs.pop_front()).unwrap())
+        }
+        ["agent", "v1", "jobs", id, "progress"] => {
+            let report: Value = serde_json::from_slice(&request.body).unwrap();
+            let progress = report["progress"].as_f64().unwrap();
+            stub.progress.push((id.parse().unwrap(), progress));
+            envelope(json!({"cancelled": stub.cancel_jobs}))
+        }
+        ["agent", "v1", "jobs", id, "result"] => {
+            let result: JobResult = serde_json::from_slice(&request.body).unwrap();
+            stub.results.push((id.parse().unwrap(), result));
+            envelope(Value::Null)
+        }
+        _ => (
+            404,
+            json!({"code": "404", "message": "no route", "content": null})
+                .to_string()
+                .into_bytes(),
+        ),
+    }
+}
+
+fn options(server_url: &str, device: &Device, config: &str, code: Option<&str>) -> AgentOptions {
+    let config_path = device.root.path().join("agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    AgentOptions {
+        server_url: server_url.to_string(),
+        activation_code: code.map(str::to_string),
+        state_dir: device.state.clone(),
+        config_path: Some(config_path),
+        home: Some(device.home.dir().to_path_buf()),
+    }
+}
+
+async fn run_until_revoked(options: AgentOptions) -> String {
+    let run = tokio::time::timeout(Duration::from_secs(60), edgekeep_agent::run(options));
+    run.await
+        .expect("the agent finishes its jobs within 60 s")
+        .unwrap_err()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_activates_backs_up_and_restores() {
+    // Device A's backup is the archive the restore job downloads.
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = std::fs::read(source.pack("a.dat")).unwrap();
+    let checksum = hex::encode(Sha256::digest(&archive));
+
+    let target = Device::new("uid-b", IDENTITY_CONFIG);
+    target.populate("b");
+    let identity_before = snapshot_tree(&target.state)["identity/device.crt"].clone();
+
+    let stub = Arc::new(Mutex::new(Stub::default()));
+    let server_url = start_stub(stub.clone()).await;
+    {
+        let mut stub = stub.lock().unwrap();
+        stub.objects.insert("backups/a.dat".into(), archive.clone());
+        stub.jobs.push_back(AgentJob::Backup {
+            job_id: 11,
+            upload_url: format!("{server_url}/store/jobs/11.dat?X-Amz-Signature=abc"),
+        });
+        stub.jobs.push_back(AgentJob::Restore {
+            job_id: 12,
+            download_url: format!("{server_url}/store/backups/a.dat?X-Amz-Signature=def"),
+            size: archive.len() as u64,
+            checksum: checksum.clone(),
+        });
+        stub.expected_results = 2;
+    }
+
+    let config = format!("platform_version = \"2.14.0\"\n{IDENTITY_CONFIG}");
+    let message = run_until_revoked(options(&server_url, &target, &config, Some("code-1"))).await;
+    assert!(message.contains("revoked"), "{message}");
+
+    let stub = stub.lock().unwrap();
+    assert_eq!(stub.activations, 1);
+    assert_eq!(stub.unauthorized, 0);
+
+    // The backup arrived with one PUT carrying its length, and verifies.
+    let (backup_id, backup) = &stub.results[0];
+    assert_eq!(*backup_id, 11);
+    assert!(backup.ok, "{:?}", backup.reason);
+    let uploaded = &stub.objects["jobs/11.dat"];
+    assert_eq!(
+        stub.puts,
+        [("jobs/11.dat".to_string(), Some(uploaded.len() as u64))]
+    );
+    assert_eq!(backup.size, Some(uploaded.len() as u64));
+    assert_eq!(backup.checksum, Some(hex::encode(Sha256::digest(uploaded))));
+    let uploaded_path = target.root.path().join("uploaded.dat");
+    std::fs::write(&uploaded_path, uploaded).unwrap();
+    let verified = edgekeep_archive::verify(&uploaded_path, &mut |_| {}).unwrap();
+    assert_eq!(verified.manifest.source.device_uid, "uid-b");
+
+    // The restore put device A's state in place and kept B's identity.
+    let (restore_id, restore) = &stub.results[1];
+    assert_eq!(*restore_id, 12);
+    assert!(restore.ok, "{:?}", restore.reason);
+    assert_eq!(read(&target.state, "flows/main.flow"), "flow of a");
+    assert_eq!(
+        snapshot_tree(&target.state)["identity/device.crt"],
+        identity_before
+    );
+
+    // Only the credential is left in the home, readable by the owner only.
+    assert_eq!(target.home_leftovers(), ["credential.json"]);
+    let mode = std::fs::metadata(target.home.credential_path())
+        .unwrap()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(stub.progress.iter().all(|(_, p)| (0.0..=1.0).contains(p)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reports_interrupted_restore_on_start() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("old");
+    let before = snapshot_tree(&device.state);
+
+    // A restore stopped right after the swap.
+    let staging = device.home.staging_path(21);
+    std::fs::create_dir(&staging).unwrap();
+    common::write(&staging, "config/connectors.json", "new");
+    let inode = std::fs::metadata(&staging).unwrap().ino();
+    let mut journal = edgekeep_agent::Journal::new(21, &device.state, &staging, inode);
+    journal.write(&device.home).unwrap();
+    edgekeep_agent::exchange_paths(&staging, &device.state).unwrap();
+    journal
+        .advance(&device.home, JournalPhase::Swapped)
+        .unwrap();
+
+    let stub = Arc::new(Mutex::new(Stub {
+        expected_results: 1,
+        ..Stub::default()
+    }));
+    let server_url = start_stub(stub.clone()).await;
+    let message = run_until_revoked(options(
+        &server_url,
+        &device,
+        IDENTITY_CONFIG,
+        Some("code-2"),
+    ))
+    .await;
+    assert!(message.contains("revoked"), "{message}");
+
+    let stub = stub.lock().unwrap();
+    assert_eq!(stub.results.len(), 1);
+    let (job_id, result) = &stub.results[0];
+    assert_eq!(*job_id, 21);
+    assert!(!result.ok);
+    assert_eq!(
+        result.reason.as_deref(),
+        Some(edgekeep_agent::INTERRUPTED_REASON)
+    );
+    assert_eq!(snapshot_tree(&device.state), before);
+    assert_eq!(device.home_leftovers(), ["credential.json"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_without_credential_or_code_fails() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let options = options("http://127.0.0.1:9", &device, IDENTITY_CONFIG, None);
+    let message = edgekeep_agent::run(options).await.unwrap_err().to_string();
+    assert!(message.contains("--activation-code"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_activation_code_activates_once() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let stub = Arc::new(Mutex::new(Stub::default()));
+    let server_url = start_stub(stub.clone()).await;
+    for _ in 0..2 {
+        let options = options(&server_url, &device, IDENTITY_CONFIG, Some("code-3"));
+        let message = run_until_revoked(options).await;
+        assert!(message.contains("revoked"), "{message}");
+    }
+    assert_eq!(stub.lock().unwrap().activations, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_code_for_other_device_is_rejected() {
+    let device = Device::new("uid-x", IDENTITY_CONFIG);
+    device.populate("x");
+    let stored = edgekeep_agent::Credential {
+        server_url: "http://127.0.0.1:1".into(),
+        project_id: 1,
+        device_id: 9,
+        device_uid: "uid-x".into(),
+        device_name: "line-9".into(),
+        credential: "old".into(),
+        activation_code_sha256: None,
+    };
+    device.home.save_credential(&stored).unwrap();
+    let stub = Arc::new(Mutex::new(Stub::default()));
+    let server_url = start_stub(stub.clone()).await;
+
+    let options = options(&server_url, &device, IDENTITY_CONFIG, Some("code-4"));
+    let message = edgekeep_agent::run(options).await.unwrap_err().to_string();
+    assert!(message.contains("uid-b"), "{message}");
+    assert!(message.contains("uid-x"), "{message}");
+    assert_eq!(device.home.load_credential().unwrap(), Some(stored));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_restore_leaves_state_unchanged() {
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = std::fs::read(source.pack("a.dat")).unwrap();
+    let target = Device::new("uid-b", IDENTITY_CONFIG);
+    target.populate("b");
+    let before = snapshot_tree(&target.state);
+
+    let stub = Arc::new(Mutex::new(Stub {
+        cancel_jobs: true,
+        download_delay: Duration::from_millis(1500),
+        expected_results: 1,
+        ..Stub::default()
+    }));
+    let server_url = start_stub(stub.clone()).await;
+    {
+        let mut stub = stub.lock().unwrap();
+        stub.objects.insert("backups/a.dat".into(), archive.clone());
+        stub.jobs.push_back(AgentJob::Restore {
+            job_id: 31,
+            download_url: format!("{server_url}/store/backups/a.dat"),
+            size: archive.len() as u64,
+            checksum: hex::encode(Sha256::digest(&archive)),
+        });
+    }
+    let config = format!("platform_version = \"2.14.0\"\n{IDENTITY_CONFIG}");
+    let message = run_until_revoked(options(&server_url, &target, &config, Some("code-5"))).await;
+    assert!(message.contains("revoked"), "{message}");
+
+    let stub = stub.lock().unwrap();
+    let (job_id, result) = &stub.results[0];
+    assert_eq!(*job_id, 31);
+    assert!(!result.ok);
+    assert_eq!(result.reason.as_deref(), Some("the job was cancelled"));
+    assert_eq!(snapshot_tree(&target.state), before);
+    assert_eq!(target.home_leftovers(), ["credential.json"]);
+}
