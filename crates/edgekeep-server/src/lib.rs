@@ -1,1 +1,293 @@
-//! edgekeep-server
+//! The edgekeep manager: REST API, agent protocol, job dispatch, upload
+//! validation, the metadata store and the embedded S3 endpoint.
+//!
+//! [`start`] binds both listeners and returns a [`RunningServer`]; [`run`]
+//! does the same and waits for SIGINT or SIGTERM.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod objects;
+pub mod s3;
+pub mod service;
+pub mod store;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use service::Manager;
+pub use store::{SqliteStore, Store};
+
+/// Returns the current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Formats milliseconds since the Unix epoch as RFC 3339 UTC, such as
+/// `2026-03-01T12:03:00Z`.
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A started server: its addresses and the handle that stops it.
+pub struct RunningServer {
+    /// Address the REST API listener is bound to.
+    pub api_addr: SocketAddr,
+    /// Address the S3 listener is bound to.
+    pub s3_addr: SocketAddr,
+    /// Base URL of the API, as written to `endpoints.json`.
+    pub api_url: String,
+    /// Base URL of the S3 endpoint as written into pre-signed URLs.
+    pub s3_url: String,
+    pub manager: Arc<Manager>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections, lets open requests finish and waits for
+    /// the background tasks.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        tracing::info!("server stopped");
+    }
+
+    /// Returns a token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts the server and runs it until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let server = start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("failed to listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("failed to listen for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+/// Opens the stores, binds both listeners, writes `DATA/endpoints.json` and
+/// starts serving.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let data_dir = &config.data_dir;
+    let objects_dir = data_dir.join("objects");
+    let temp_dir = data_dir.join("tmp");
+    for dir in [data_dir, &objects_dir, &temp_dir] {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create the data folder {}", dir.display()))?;
+    }
+
+    // Metadata store and the administrator token.
+    let store = SqliteStore::open(&data_dir.join("edgekeep.db"))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    bootstrap_admin_token(store.as_ref(), config.configured_admin_token()?).await?;
+    // NOTE: this assumes one server per database. Several replicas on one
+    // store would need the jobs table's lease columns before requeueing.
+    let requeued = store.requeue_running_imports().await?;
+    if requeued > 0 {
+        tracing::info!(
+            requeued,
+            "import jobs interrupted by the last stop will be validated again"
+        );
+    }
+
+    // Listeners.
+    let api_listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "failed to bind the API listener on {}; check --listen",
+            config.listen
+        )
+    })?;
+    let s3_listener = TcpListener::bind(config.s3_listen).await.with_context(|| {
+        format!(
+            "failed to bind the S3 listener on {}; check --s3-listen",
+            config.s3_listen
+        )
+    })?;
+    let api_addr = api_listener.local_addr()?;
+    let s3_addr = s3_listener.local_addr()?;
+    let api_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| url_of(api_addr));
+    let s3_internal_url = url_of(s3_addr);
+    let s3_url = config
+        .s3_public_url
+        .clone()
+        .unwrap_or_else(|| s3_internal_url.clone());
+
+    // Embedded S3 endpoint and the clients that use it.
+    let configured = config.configured_s3_credentials()?;
+    let credentials = s3::load_credentials(
+        data_dir,
+        configured.as_ref().map(|(access, _)| access.as_str()),
+        configured.as_ref().map(|(_, secret)| secret.as_str()),
+    )?;
+    let s3_service = s3::build_service(&objects_dir, &config.bucket, &credentials)?;
+    let objects = objects::Objects::new(&objects::S3Settings {
+        internal_url: s3_internal_url,
+        public_url: s3_url.trim_end_matches('/').to_string(),
+        bucket: config.bucket.clone(),
+        access_key: credentials.access_key.clone(),
+        secret_key: credentials.secret_key.clone(),
+    })?;
+    let manager = Arc::new(Manager::new(
+        store,
+        objects,
+        config.job_ttl,
+        config.activation_ttl,
+        temp_dir,
+    ));
+
+    // Serve.
+    let shutdown = CancellationToken::new();
+    let mut tasks = vec![
+        serve(
+            api_listener,
+            api::router(manager.clone()),
+            shutdown.clone(),
+            "API",
+        ),
+        serve(s3_listener, s3::router(s3_service), shutdown.clone(), "S3"),
+    ];
+    tasks.extend(jobs::spawn_background(manager.clone(), shutdown.clone()));
+
+    write_endpoints(data_dir, &api_url, &s3_url)?;
+    tracing::info!(api = %api_url, s3 = %s3_url, data_dir = %data_dir.display(), "server started");
+    Ok(RunningServer {
+        api_addr,
+        s3_addr,
+        api_url,
+        s3_url,
+        manager,
+        shutdown,
+        tasks,
+    })
+}
+
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    name: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(listener = name, error = %error, "listener failed");
+        }
+    })
+}
+
+/// Returns the URL of a bound address; a wildcard address becomes loopback.
+fn url_of(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Writes `endpoints.json` through a temporary file and a rename, so
+/// readers never see a partial file.
+fn write_endpoints(data_dir: &Path, api_url: &str, s3_url: &str) -> anyhow::Result<()> {
+    let path = data_dir.join("endpoints.json");
+    let temp = data_dir.join(".endpoints.json.tmp");
+    let body = serde_json::json!({ "api": api_url, "s3": s3_url });
+    std::fs::write(&temp, serde_json::to_vec_pretty(&body)?)
+        .with_context(|| format!("failed to write {}", temp.display()))?;
+    std::fs::rename(&temp, &path).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(())
+}
+
+/// Stores the configured administrator token, or creates one on first start
+/// and prints it once.
+async fn bootstrap_admin_token(
+    store: &dyn Store,
+    configured: Option<String>,
+) -> anyhow::Result<()> {
+    if let Some(token) = configured {
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the configured administrator token is too short ({} characters); use at least 16, \
+             such as a generated ek_ token",
+            token.len()
+        );
+        store
+            .set_admin_token(&auth::hash_secret(&token), now_ms())
+            .await?;
+        tracing::info!("administrator token set from the configuration");
+        return Ok(());
+    }
+    if store.admin_token_exists().await? {
+        return Ok(());
+    }
+    let token = auth::generate_secret(auth::TOKEN_PREFIX);
+    store
+        .set_admin_token(&auth::hash_secret(&token), now_ms())
+        .await?;
+    println!("Administrator token (shown only once; store it now): {token}");
+    tracing::info!("created the administrator token");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_time_is_rfc3339_utc() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_time(1_798_761_599_999), "2026-12-31T23:59:59Z");
+    }
+}

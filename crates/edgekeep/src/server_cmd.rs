@@ -1,8 +1,13 @@
-//! Placeholder, replaced by the real command.
+//! `edgekeep server`: runs the manager until SIGINT or SIGTERM.
+
+use edgekeep_server::Config;
 
 #[derive(Debug, clap::Args)]
-pub struct ServerArgs {}
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub config: Config,
+}
 
-pub async fn run(_args: ServerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not available yet")
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    edgekeep_server::run(args.config).await
 }

@@ -44,10 +44,15 @@ async fn tokens_missing_unknown_revoked_or_expired_get_401() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(message(&body).contains("revoked"), "{body}");
 
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     let expired = client
-        .create_token(&CreateToken { name: "short".into(), project_ids: None, expires_at: Some(1) })
+        .create_token(&CreateToken { name: "short".into(), project_ids: None, expires_at: Some(now + 1000) })
         .await
         .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let (status, body) = call(&server, Some(&expired.token), reqwest::Method::GET, &list).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(message(&body).contains("expired"), "{body}");

@@ -182,7 +182,7 @@ path = "data/historian.db"
 /// `DIR/agent.toml`. `name` makes the identity and configuration unique.
 pub fn lay_out_device(dir: &Path, name: &str, extra_config: &str) {
     let state = dir.join("state");
-    for sub in ["config/connectors", "data", "identity", "logs"] {
+    for sub in ["config/connectors", "data", "identity", "logs", "odd"] {
         std::fs::create_dir_all(state.join(sub)).unwrap();
     }
     std::fs::write(

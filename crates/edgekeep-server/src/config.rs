@@ -1,0 +1,209 @@
+//! Server configuration: command-line options, each also read from an
+//! `EDGEKEEP_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Configuration of `edgekeep server`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Folder for the metadata database, the embedded S3 objects and the
+    /// generated credentials; created when missing.
+    #[arg(long, env = "EDGEKEEP_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Address of the REST API and agent protocol listener; port 0 picks a
+    /// free port.
+    #[arg(long, env = "EDGEKEEP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the embedded S3 endpoint; port 0 picks a free port.
+    #[arg(long, env = "EDGEKEEP_S3_LISTEN", default_value = "127.0.0.1:9000")]
+    pub s3_listen: SocketAddr,
+
+    /// Base URL of the API as clients reach it, used in messages. Defaults to
+    /// the bound API listener.
+    #[arg(long, env = "EDGEKEEP_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Base URL of the S3 endpoint as devices and users reach it, written
+    /// into pre-signed URLs. Defaults to the bound S3 listener.
+    #[arg(long, env = "EDGEKEEP_S3_PUBLIC_URL")]
+    pub s3_public_url: Option<String>,
+
+    /// Bucket that contains every object.
+    #[arg(long, env = "EDGEKEEP_BUCKET", default_value = "edgekeep")]
+    pub bucket: String,
+
+    /// How long a queued backup or restore job waits for its device before
+    /// it expires, such as `24h`, `90m` or `3600s`.
+    #[arg(long, env = "EDGEKEEP_JOB_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub job_ttl: Duration,
+
+    /// How long a device activation code stays valid.
+    #[arg(long, env = "EDGEKEEP_ACTIVATION_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub activation_ttl: Duration,
+
+    /// Administrator token. When set, this value replaces the stored
+    /// administrator token and no new one is printed.
+    #[arg(long, env = "EDGEKEEP_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File whose first line is the administrator token.
+    #[arg(
+        long,
+        env = "EDGEKEEP_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Access key of the embedded S3 endpoint. Without it, a key generated
+    /// on first start is kept in `DATA/s3-credentials.json`.
+    #[arg(long, env = "EDGEKEEP_S3_ACCESS_KEY")]
+    pub s3_access_key: Option<String>,
+
+    /// Secret key of the embedded S3 endpoint; needed with `--s3-access-key`.
+    #[arg(long, env = "EDGEKEEP_S3_SECRET_KEY", hide_env_values = true)]
+    pub s3_secret_key: Option<String>,
+
+    /// File whose first line is the S3 secret key.
+    #[arg(
+        long,
+        env = "EDGEKEEP_S3_SECRET_KEY_FILE",
+        conflicts_with = "s3_secret_key"
+    )]
+    pub s3_secret_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Builds a configuration with every default and the given data folder.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            s3_listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            public_url: None,
+            s3_public_url: None,
+            bucket: "edgekeep".to_string(),
+            job_ttl: Duration::from_secs(24 * 3600),
+            activation_ttl: Duration::from_secs(24 * 3600),
+            admin_token: None,
+            admin_token_file: None,
+            s3_access_key: None,
+            s3_secret_key: None,
+            s3_secret_key_file: None,
+        }
+    }
+
+    /// Returns the administrator token given by option, environment or file.
+    pub fn configured_admin_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(token) = &self.admin_token {
+            return Ok(Some(token.trim().to_string()));
+        }
+        match &self.admin_token_file {
+            Some(path) => read_secret_file(path, "--admin-token-file").map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Returns the configured S3 access key and secret key, or `None` when
+    /// the generated credentials apply.
+    pub fn configured_s3_credentials(&self) -> anyhow::Result<Option<(String, String)>> {
+        let secret = match (&self.s3_secret_key, &self.s3_secret_key_file) {
+            (Some(secret), _) => Some(secret.clone()),
+            (None, Some(path)) => Some(read_secret_file(path, "--s3-secret-key-file")?),
+            (None, None) => None,
+        };
+        match (&self.s3_access_key, secret) {
+            (Some(access), Some(secret)) => Ok(Some((access.clone(), secret))),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!(
+                "--s3-access-key and an S3 secret key (--s3-secret-key or --s3-secret-key-file) \
+                 must be given together"
+            ),
+        }
+    }
+}
+
+fn read_secret_file(path: &Path, option: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "failed to read the secret file {}; check {option}",
+            path.display()
+        )
+    })?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "the secret file {} given by {option} is empty",
+        path.display()
+    );
+    Ok(secret)
+}
+
+/// Parses a duration such as `24h`, `90m`, `30s`, `2d` or a bare number of
+/// seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number.parse().map_err(|_| {
+        format!("invalid duration {value:?}: expected a number and a unit such as 24h")
+    })?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {value:?}: use s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(number * unit_secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_duration_units() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172800)));
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn s3_secret_read_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let mut config = Config::new(dir.path());
+        config.s3_access_key = Some("EKKEY".into());
+        config.s3_secret_key_file = Some(path);
+        let credentials = config.configured_s3_credentials().unwrap();
+        assert_eq!(credentials, Some(("EKKEY".into(), "s3cret".into())));
+    }
+
+    #[test]
+    fn s3_access_key_without_secret_is_rejected() {
+        let mut config = Config::new("/data");
+        config.s3_access_key = Some("EKKEY".into());
+        let error = config.configured_s3_credentials().unwrap_err();
+        assert!(error.to_string().contains("--s3-secret-key"), "{error}");
+        assert_eq!(
+            Config::new("/data").configured_s3_credentials().unwrap(),
+            None
+        );
+    }
+}

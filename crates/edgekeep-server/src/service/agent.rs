@@ -1,0 +1,319 @@
+//! The agent protocol: activation, the long poll, progress and results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgekeep_api::agent::{
+    ActivateRequest, ActivateResponse, AgentJob, DeviceFacts, JobResult, ProgressReply,
+    ProgressReport,
+};
+use edgekeep_api::{Device, JobKind, JobState};
+
+use super::{MAX_WAIT_SECS, Manager};
+use crate::auth::{CREDENTIAL_PREFIX, generate_secret, hash_secret};
+use crate::error::{Error, Result};
+use crate::objects::AGENT_URL_EXPIRY;
+use crate::store::JobRecord;
+
+/// Reason given to a running job whose device polls again without reporting.
+const RESTARTED_REASON: &str = "the agent restarted while the job was running; \
+     check the agent log on the device and run the job again";
+
+/// Closes the poll registration when the long poll ends or its request is
+/// dropped, and marks the device seen at that moment.
+struct PollGuard {
+    manager: Arc<Manager>,
+    device_id: i64,
+}
+
+impl Drop for PollGuard {
+    fn drop(&mut self) {
+        self.manager.close_poll(self.device_id);
+        let store = self.manager.store.clone();
+        let device_id = self.device_id;
+        tokio::spawn(async move {
+            if let Err(error) = store.record_poll(device_id, None, crate::now_ms()).await {
+                tracing::warn!(device_id, error = %error, "failed to record the end of a poll");
+            }
+        });
+    }
+}
+
+impl Manager {
+    /// Trades a one-time activation code for a device credential.
+    pub async fn activate(&self, request: &ActivateRequest) -> Result<ActivateResponse> {
+        let credential = generate_secret(CREDENTIAL_PREFIX);
+        let device = self
+            .store
+            .activate_device(
+                &hash_secret(&request.activation_code),
+                &hash_secret(&credential),
+                &request.facts,
+                crate::now_ms(),
+            )
+            .await?
+            .ok_or_else(|| {
+                Error::Unauthorized(
+                    "unknown, used or expired activation code; issue a new one with \
+                     POST /api/v1/projects/{projectId}/devices/{deviceId}/activation-code"
+                        .into(),
+                )
+            })?;
+        tracing::info!(
+            device_id = device.id,
+            project_id = device.project_id,
+            "activated device"
+        );
+        Ok(ActivateResponse {
+            project_id: device.project_id,
+            device_id: device.id,
+            device_uid: device.uid,
+            device_name: device.name,
+            credential,
+        })
+    }
+
+    /// Waits for the device's next job (the long poll) and returns it, or
+    /// `None` once `wait_secs` (at most 60) pass without one.
+    pub async fn next_job(
+        self: &Arc<Self>,
+        device: &Device,
+        facts: Option<&DeviceFacts>,
+        wait_secs: u64,
+    ) -> Result<Option<AgentJob>> {
+        let now = crate::now_ms();
+        self.store.record_poll(device.id, facts, now).await?;
+        self.fail_interrupted_jobs(device.id, now).await?;
+
+        let notify = self.open_poll(device.id);
+        let _guard = PollGuard {
+            manager: self.clone(),
+            device_id: device.id,
+        };
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+        loop {
+            // Register for the wake-up before looking, so a job queued in
+            // between is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            if let Some(job) = self.claim_job(device.id).await? {
+                return Ok(Some(job));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn fail_interrupted_jobs(&self, device_id: i64, now: i64) -> Result<()> {
+        let failed = self
+            .store
+            .fail_running_jobs(device_id, RESTARTED_REASON, now)
+            .await?;
+        for job_id in failed {
+            tracing::warn!(
+                job_id,
+                device_id,
+                "failed a job because its agent restarted"
+            );
+            self.objects
+                .delete_quietly(&super::backups::staging_key(job_id))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Claims the oldest queued job and signs its URL. A job whose URL
+    /// cannot be made fails, and the next one is tried.
+    async fn claim_job(&self, device_id: i64) -> Result<Option<AgentJob>> {
+        while let Some(record) = self
+            .store
+            .claim_next_job(device_id, crate::now_ms())
+            .await?
+        {
+            let job_id = record.job.id;
+            match self.agent_job(&record).await {
+                Ok(job) => {
+                    tracing::info!(
+                        job_id,
+                        device_id,
+                        kind = record.job.kind.as_str(),
+                        "handed job to device"
+                    );
+                    return Ok(Some(job));
+                }
+                Err(error) => {
+                    let reason = format!("the server could not prepare the job: {error}");
+                    tracing::warn!(job_id, device_id, %reason, "failed job at hand-out");
+                    self.store
+                        .finish_job(
+                            job_id,
+                            JobState::Running,
+                            JobState::Failed,
+                            Some(&reason),
+                            crate::now_ms(),
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn agent_job(&self, record: &JobRecord) -> Result<AgentJob> {
+        let job = &record.job;
+        let key = record
+            .object_key
+            .as_deref()
+            .ok_or_else(|| Error::internal("job has no object key", job.id))?;
+        match job.kind {
+            JobKind::Backup => Ok(AgentJob::Backup {
+                job_id: job.id,
+                upload_url: self.objects.signed_put(key, AGENT_URL_EXPIRY).await?,
+            }),
+            JobKind::Restore => {
+                let timestamp = job.timestamp.unwrap_or_default();
+                let backup = self
+                    .store
+                    .backup(job.project_id, &job.backup_type, timestamp)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("backup {timestamp} is no longer listed"))
+                    })?;
+                Ok(AgentJob::Restore {
+                    job_id: job.id,
+                    download_url: self.objects.signed_get(key, AGENT_URL_EXPIRY).await?,
+                    size: backup.backup.size,
+                    checksum: backup.backup.checksum,
+                })
+            }
+            JobKind::Import => Err(Error::internal("import jobs run on the server", job.id)),
+        }
+    }
+
+    /// Returns the job if it belongs to the device.
+    async fn device_job(&self, device: &Device, job_id: i64) -> Result<JobRecord> {
+        self.store
+            .job(job_id)
+            .await?
+            .filter(|r| r.job.device_id == device.id && r.job.kind != JobKind::Import)
+            .ok_or_else(|| {
+                Error::NotFound(format!("job {job_id} not found for device {}", device.id))
+            })
+    }
+
+    fn not_running(job_id: i64, state: JobState) -> Error {
+        Error::Conflict(format!(
+            "job {job_id} is {}, not running; poll for the next job",
+            state.as_str()
+        ))
+    }
+
+    pub async fn report_progress(
+        &self,
+        device: &Device,
+        job_id: i64,
+        report: &ProgressReport,
+    ) -> Result<ProgressReply> {
+        let record = self.device_job(device, job_id).await?;
+        match record.job.state {
+            JobState::Cancelled => return Ok(ProgressReply { cancelled: true }),
+            JobState::Running => {}
+            other => return Err(Self::not_running(job_id, other)),
+        }
+        let progress = if report.progress.is_finite() {
+            report.progress.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.store
+            .update_progress(job_id, progress, &report.message)
+            .await?;
+        Ok(ProgressReply { cancelled: false })
+    }
+
+    /// Records a job's result. A successful backup is validated and listed
+    /// before this returns; a failed validation fails the job.
+    pub async fn report_result(
+        &self,
+        device: &Device,
+        job_id: i64,
+        result: &JobResult,
+    ) -> Result<()> {
+        let record = self.device_job(device, job_id).await?;
+        let is_backup = record.job.kind == JobKind::Backup;
+        match record.job.state {
+            JobState::Running => {}
+            JobState::Cancelled => {
+                if is_backup {
+                    self.objects
+                        .delete_quietly(&super::backups::staging_key(job_id))
+                        .await;
+                }
+                return Ok(());
+            }
+            other => return Err(Self::not_running(job_id, other)),
+        }
+
+        if !result.ok {
+            let reason = result
+                .reason
+                .clone()
+                .unwrap_or_else(|| "the agent reported a failure without a reason".to_string());
+            self.fail_job(&record, &reason).await?;
+            return Ok(());
+        }
+        if !is_backup {
+            self.store
+                .finish_job(
+                    job_id,
+                    JobState::Running,
+                    JobState::Succeeded,
+                    None,
+                    crate::now_ms(),
+                )
+                .await?;
+            tracing::info!(job_id, device_id = device.id, "restore succeeded");
+            return Ok(());
+        }
+        let expected = match (result.size, &result.checksum) {
+            (Some(size), Some(checksum)) => (size, checksum.to_lowercase()),
+            _ => {
+                let reason = "the agent reported success without the file size and checksum";
+                self.fail_job(&record, reason).await?;
+                return Ok(());
+            }
+        };
+        self.accept_upload(&record, Some(expected)).await
+    }
+
+    /// Fails a running job and deletes its uploaded object, if any.
+    pub(crate) async fn fail_job(&self, record: &JobRecord, reason: &str) -> Result<()> {
+        let job = &record.job;
+        self.store
+            .finish_job(
+                job.id,
+                JobState::Running,
+                JobState::Failed,
+                Some(reason),
+                crate::now_ms(),
+            )
+            .await?;
+        tracing::warn!(
+            job_id = job.id,
+            device_id = job.device_id,
+            kind = job.kind.as_str(),
+            reason,
+            "job failed"
+        );
+        if job.kind != JobKind::Restore
+            && let Some(key) = &record.object_key
+        {
+            self.objects.delete_quietly(key).await;
+        }
+        Ok(())
+    }
+}

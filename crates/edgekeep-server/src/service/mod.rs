@@ -1,0 +1,158 @@
+//! The service layer: every operation of the REST API and the agent
+//! protocol, independent of HTTP so tests can call it directly.
+
+mod agent;
+pub mod backups;
+mod resources;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgekeep_api::Device;
+use tokio::sync::Notify;
+
+use crate::auth::{Caller, check_token, hash_secret};
+use crate::error::{Error, Result};
+use crate::objects::Objects;
+use crate::store::Store;
+
+/// A device counts as online for this long after its last poll ended.
+pub const ONLINE_WINDOW_MS: i64 = 60_000;
+/// Maximum wait of a long poll, in seconds.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+/// Shared state of the server: the stores and the open device polls.
+pub struct Manager {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) objects: Objects,
+    pub(crate) job_ttl: Duration,
+    pub(crate) activation_ttl: Duration,
+    /// Folder for downloads under validation, on the data disk.
+    pub(crate) temp_dir: PathBuf,
+    polls: Mutex<HashMap<i64, DevicePolls>>,
+}
+
+/// Open long polls of one device and the signal that wakes them.
+#[derive(Default)]
+struct DevicePolls {
+    notify: Arc<Notify>,
+    open: usize,
+}
+
+impl Manager {
+    pub fn new(
+        store: Arc<dyn Store>,
+        objects: Objects,
+        job_ttl: Duration,
+        activation_ttl: Duration,
+        temp_dir: PathBuf,
+    ) -> Self {
+        Manager {
+            store,
+            objects,
+            job_ttl,
+            activation_ttl,
+            temp_dir,
+            polls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Authenticates an `X-AuthToken` value.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(Error::Unauthorized(format!(
+                "missing {} header; send an API token",
+                edgekeep_api::AUTH_TOKEN_HEADER
+            )));
+        };
+        let record = self
+            .store
+            .token_by_hash(&hash_secret(token))
+            .await?
+            .ok_or_else(|| {
+                Error::Unauthorized("unknown API token; check the token or create a new one".into())
+            })?;
+        check_token(&record.info, crate::now_ms())?;
+        Ok(Caller::from_token(&record.info))
+    }
+
+    /// Authenticates a device credential from `Authorization: Bearer`.
+    pub async fn authenticate_device(&self, credential: Option<&str>) -> Result<Device> {
+        let Some(credential) = credential.filter(|c| !c.is_empty()) else {
+            return Err(Error::Unauthorized(
+                "missing device credential; send Authorization: Bearer CREDENTIAL".into(),
+            ));
+        };
+        self.store
+            .device_by_credential(&hash_secret(credential))
+            .await?
+            .ok_or_else(|| {
+                Error::Unauthorized(
+                    "unknown device credential; activate the agent again with a new activation code"
+                        .into(),
+                )
+            })
+    }
+
+    /// Sets `online` from open polls and the time of the last poll.
+    pub(crate) fn with_online(&self, mut device: Device) -> Device {
+        let open = self
+            .polls
+            .lock()
+            .expect("poll registry poisoned")
+            .get(&device.id)
+            .is_some_and(|polls| polls.open > 0);
+        let recent = device
+            .last_seen_at
+            .is_some_and(|seen| crate::now_ms() - seen < ONLINE_WINDOW_MS);
+        device.online = open || recent;
+        device
+    }
+
+    /// Returns the signal that wakes the device's long polls.
+    fn device_notify(&self, device_id: i64) -> Arc<Notify> {
+        let mut polls = self.polls.lock().expect("poll registry poisoned");
+        polls.entry(device_id).or_default().notify.clone()
+    }
+
+    /// Wakes a long poll of the device, if one is open, so it claims a job.
+    pub(crate) fn wake_device(&self, device_id: i64) {
+        self.device_notify(device_id).notify_one();
+    }
+
+    fn open_poll(&self, device_id: i64) -> Arc<Notify> {
+        let mut polls = self.polls.lock().expect("poll registry poisoned");
+        let entry = polls.entry(device_id).or_default();
+        entry.open += 1;
+        entry.notify.clone()
+    }
+
+    fn close_poll(&self, device_id: i64) {
+        let mut polls = self.polls.lock().expect("poll registry poisoned");
+        if let Some(entry) = polls.get_mut(&device_id) {
+            entry.open = entry.open.saturating_sub(1);
+        }
+    }
+}
+
+/// Checks a `backupType` value: `MASTER` is the only backup type.
+pub fn check_backup_type(value: &str) -> Result<()> {
+    if value == edgekeep_api::BACKUP_TYPE_MASTER {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "invalid query parameter backupType {value:?}: expected {}",
+            edgekeep_api::BACKUP_TYPE_MASTER
+        )))
+    }
+}
