@@ -24,7 +24,9 @@ pub fn snapshot(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, Node>> {
 
 fn walk(root: &Path, relative: &Path, nodes: &mut BTreeMap<PathBuf, Node>) -> anyhow::Result<()> {
     let dir = root.join(relative);
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+    {
         let entry = entry?;
         let path = relative.join(entry.file_name());
         let full = root.join(&path);
@@ -62,9 +64,11 @@ pub fn differences(
         }
         match actual.get(path) {
             None => found.push(format!("{} is missing", path.display())),
-            Some(other) if other != node => {
-                found.push(format!("{} differs: {}", path.display(), describe(node, other)))
-            }
+            Some(other) if other != node => found.push(format!(
+                "{} differs: {}",
+                path.display(),
+                describe(node, other)
+            )),
             Some(_) => {}
         }
     }
@@ -78,14 +82,29 @@ pub fn differences(
 
 fn describe(expected: &Node, actual: &Node) -> String {
     match (expected, actual) {
-        (Node::File { mode: a, content: x }, Node::File { mode: b, content: y }) => {
+        (
+            Node::File {
+                mode: a,
+                content: x,
+            },
+            Node::File {
+                mode: b,
+                content: y,
+            },
+        ) => {
             if a != b {
                 format!("mode {a:o} expected, {b:o} found")
             } else {
-                format!("{} bytes expected, {} bytes found with other content", x.len(), y.len())
+                format!(
+                    "{} bytes expected, {} bytes found with other content",
+                    x.len(),
+                    y.len()
+                )
             }
         }
-        (Node::Dir { mode: a }, Node::Dir { mode: b }) => format!("mode {a:o} expected, {b:o} found"),
+        (Node::Dir { mode: a }, Node::Dir { mode: b }) => {
+            format!("mode {a:o} expected, {b:o} found")
+        }
         _ => format!("{expected:?} expected, another kind found")
             .chars()
             .take(120)

@@ -131,9 +131,8 @@ fn create_historian(path: &Path, letter: &str) -> anyhow::Result<()> {
         )?;
     }
     {
-        let mut insert = tx.prepare(
-            "INSERT INTO samples (tag_id, ts, value, quality) VALUES (?1, ?2, ?3, 192)",
-        )?;
+        let mut insert = tx
+            .prepare("INSERT INTO samples (tag_id, ts, value, quality) VALUES (?1, ?2, ?3, 192)")?;
         for minute in 0..1440i64 {
             for tag in 1..=TAGS.len() as i64 {
                 let value = offset + (minute as f64 / 60.0 + tag as f64).sin() * 10.0;

@@ -52,7 +52,11 @@ impl LemClient {
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join("&");
-        let shown = format!("{method} {path}?{query_text}");
+        let shown = if query_text.is_empty() {
+            format!("{method} {path}")
+        } else {
+            format!("{method} {path}?{query_text}")
+        };
         let response = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -73,7 +77,10 @@ impl LemClient {
             .with_context(|| format!("{shown} returned a body that is not JSON"))?;
         if !quiet {
             println!("  > {shown}");
-            println!("  < {status} {}", shorten(&redact_signatures(&body.to_string())));
+            println!(
+                "  < {status} {}",
+                shorten(&redact_signatures(&body.to_string()))
+            );
         }
         Ok(LemResponse {
             status,

@@ -35,12 +35,10 @@ pub struct QuickstartArgs {
     step_timeout: Duration,
 }
 
-/// One example device: its name, identity letter, server record and folders.
+/// One example device: its server record and state folder.
 struct Gateway {
-    letter: &'static str,
     device: Device,
     state: PathBuf,
-    activation_code: String,
 }
 
 /// The results of the checks, printed at the end.
@@ -88,14 +86,18 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
             (dir.canonicalize()?, None)
         }
         None => {
-            let dir = tempfile::Builder::new().prefix("edgekeep-quickstart-").tempdir()?;
+            let dir = tempfile::Builder::new()
+                .prefix("edgekeep-quickstart-")
+                .tempdir()?;
             (dir.path().to_path_buf(), Some(dir))
         }
     };
     println!("edgekeep quickstart in {}", root.display());
 
     let mut checks = Checks::default();
-    let outcome = Workflow::new(&root, args.step_timeout).run(&mut checks).await;
+    let outcome = Workflow::new(&root, args.step_timeout)
+        .run(&mut checks)
+        .await;
     if let Err(err) = &outcome {
         checks.fail("workflow", format!("{err:#}"));
     }
@@ -114,9 +116,16 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     if let Some(dir) = temporary {
         let _ = dir.keep();
     }
-    println!("{} of {} checks failed:", failed.len(), checks.results.len());
+    println!(
+        "{} of {} checks failed:",
+        failed.len(),
+        checks.results.len()
+    );
     for (name, result) in &failed {
-        println!("  {name}: {}", result.as_ref().err().map(String::as_str).unwrap_or(""));
+        println!(
+            "  {name}: {}",
+            result.as_ref().err().map(String::as_str).unwrap_or("")
+        );
     }
     println!("logs and states are in {}", root.display());
     anyhow::bail!("{} checks failed", failed.len())
@@ -178,7 +187,11 @@ impl Workflow {
         let project = client.create_project("plant-1").await?;
         println!("  project {} ({})", project.id, project.name);
         let mut gateways = Vec::new();
-        for (letter, name) in [("a", "press-line-a"), ("b", "press-line-b"), ("c", "press-line-c")] {
+        for (letter, name) in [
+            ("a", "press-line-a"),
+            ("b", "press-line-b"),
+            ("c", "press-line-c"),
+        ] {
             gateways.push(self.add_gateway(&client, project.id, letter, name).await?);
         }
         self.wait_online(&client, project.id, &gateways).await?;
@@ -188,8 +201,7 @@ impl Workflow {
         let [a, b, c] = &gateways[..] else {
             unreachable!("three gateways were added")
         };
-        self.lem_workflow(checks, &lem, &client, project.id, a, b, c)
-            .await
+        self.lem_workflow(checks, &lem, project.id, a, b, c).await
     }
 
     async fn add_gateway(
@@ -231,10 +243,8 @@ impl Workflow {
         )?;
         self.processes.push(agent);
         Ok(Gateway {
-            letter,
             device: activation.device,
             state,
-            activation_code: activation.activation_code,
         })
     }
 
@@ -269,46 +279,77 @@ impl Workflow {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the LEM client's steps: back up A, download, relocate onto C,
+    /// restore onto B, and check B.
     async fn lem_workflow(
         &mut self,
         checks: &mut Checks,
         lem: &LemClient,
-        client: &Client,
         project: i64,
         a: &Gateway,
         b: &Gateway,
         c: &Gateway,
     ) -> anyhow::Result<()> {
-        let ids = |g: &Gateway| {
-            vec![
-                ("projectId", project.to_string()),
-                ("deviceId", g.device.id.to_string()),
-            ]
-        };
+        let backup = self.back_up(checks, lem, project, a).await?;
+        let (file, bytes) = self.download(checks, lem, project, a, &backup).await?;
+        self.relocate(checks, lem, project, c, &bytes, &backup, a.device.id)
+            .await?;
+        let identity_before = read_identity(&b.state)?;
+        if self.restore(checks, lem, project, a, b, &backup).await? {
+            self.check_clone(checks, &file, a, b, &identity_before)?;
+        }
+        Ok(())
+    }
 
-        // Back up device A while its historian is being written.
-        println!("\n3. Back up {} while its historian is written", a.device.name);
+    /// Backs up device A while its historian is being written and returns
+    /// the listed backup.
+    async fn back_up(
+        &mut self,
+        checks: &mut Checks,
+        lem: &LemClient,
+        project: i64,
+        a: &Gateway,
+    ) -> anyhow::Result<Listed> {
+        println!(
+            "\n3. Back up {} while its historian is written",
+            a.device.name
+        );
         let writer = gateway::HistorianWriter::start(&a.state.join(gateway::HISTORIAN))?;
         let response = lem
-            .call(Method::POST, "/api/v1/backup/init-backup", &ids(a), false)
+            .call(
+                Method::POST,
+                "/api/v1/backup/init-backup",
+                &ids(project, a),
+                false,
+            )
             .await?;
         response.content("init-backup")?;
-        let backup = self.poll_list(lem, &ids(a), 1).await;
+        let backup = self.poll_list(lem, &ids(project, a)).await;
         let rows = writer.stop()?;
         let backup = backup?;
         println!("  the historian writer added {rows} rows meanwhile");
         checks.pass(format!("backup of {} listed", a.device.name));
-        let timestamp = backup["timestamp"]
-            .as_i64()
-            .context("the listed backup has no timestamp")?;
-        let checksum = backup["checksum"].as_str().unwrap_or_default().to_string();
+        Ok(Listed {
+            timestamp: backup["timestamp"]
+                .as_i64()
+                .context("the listed backup has no timestamp")?,
+            checksum: backup["checksum"].as_str().unwrap_or_default().to_string(),
+        })
+    }
 
-        // Get the download URL and fetch the file with no auth header.
+    /// Gets the download URL and fetches the file with no auth header.
+    async fn download(
+        &mut self,
+        checks: &mut Checks,
+        lem: &LemClient,
+        project: i64,
+        a: &Gateway,
+        backup: &Listed,
+    ) -> anyhow::Result<(PathBuf, Vec<u8>)> {
         println!("\n4. Download the backup with a plain GET");
-        let mut query = ids(a);
+        let mut query = ids(project, a);
         query.push(("backupType", BACKUP_TYPE_MASTER.to_string()));
-        query.push(("timestamp", timestamp.to_string()));
+        query.push(("timestamp", backup.timestamp.to_string()));
         let response = lem
             .call(Method::POST, "/api/v1/backup/get", &query, false)
             .await?;
@@ -322,19 +363,41 @@ impl Workflow {
             "download URL valid for 7 days",
             check(url.contains(&expiry), format!("the URL lacks {expiry}")),
         );
-        let file = self.root.join(format!("backup-{timestamp}.dat"));
-        let bytes = reqwest::get(&url).await?.error_for_status()?.bytes().await?;
+
+        let file = self.root.join(format!("backup-{}.dat", backup.timestamp));
+        let bytes = reqwest::get(&url)
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
         std::fs::write(&file, &bytes)?;
         let digest = hex::encode(Sha256::digest(&bytes));
         println!("  fetched {} bytes, sha256 {}", bytes.len(), &digest[..16]);
         checks.check(
             "downloaded file matches the listed checksum",
-            check(digest == checksum, format!("sha256 {digest}, listed {checksum}")),
+            check(
+                digest == backup.checksum,
+                format!("sha256 {digest}, listed {}", backup.checksum),
+            ),
         );
+        Ok((file, bytes.to_vec()))
+    }
 
-        // Relocate the file onto device C through a pre-signed upload URL.
+    /// Relocates the file onto device C through a pre-signed upload URL and
+    /// waits until C lists it.
+    #[allow(clippy::too_many_arguments)]
+    async fn relocate(
+        &mut self,
+        checks: &mut Checks,
+        lem: &LemClient,
+        project: i64,
+        c: &Gateway,
+        bytes: &[u8],
+        backup: &Listed,
+        source_device_id: i64,
+    ) -> anyhow::Result<()> {
         println!("\n5. Relocate the file onto {} through put", c.device.name);
-        let mut query = ids(c);
+        let mut query = ids(project, c);
         query.push(("backupType", BACKUP_TYPE_MASTER.to_string()));
         let response = lem
             .call(Method::POST, "/api/v1/backup/put", &query, false)
@@ -350,23 +413,40 @@ impl Workflow {
             .send()
             .await?
             .status();
-        println!("  PUT {} bytes to the upload URL: HTTP {status}", bytes.len());
-        let relocated = self.poll_list(lem, &ids(c), 1).await?;
+        println!(
+            "  PUT {} bytes to the upload URL: HTTP {status}",
+            bytes.len()
+        );
+
+        let relocated = self.poll_list(lem, &ids(project, c)).await?;
         checks.check(
             format!("relocated backup listed under {}", c.device.name),
             check(
-                relocated["checksum"] == Value::from(checksum.clone())
-                    && relocated["sourceDeviceId"] == Value::from(a.device.id),
+                relocated["checksum"] == backup.checksum.as_str()
+                    && relocated["sourceDeviceId"] == source_device_id,
                 format!("listed as {relocated}"),
             ),
         );
+        Ok(())
+    }
 
-        // Restore A's backup onto device B.
-        println!("\n6. Restore {}'s backup onto {}", a.device.name, b.device.name);
-        let identity_before = read_identity(&b.state)?;
-        let mut query = ids(b);
+    /// Restores A's backup onto device B; returns whether the job succeeded.
+    async fn restore(
+        &mut self,
+        checks: &mut Checks,
+        lem: &LemClient,
+        project: i64,
+        a: &Gateway,
+        b: &Gateway,
+        backup: &Listed,
+    ) -> anyhow::Result<bool> {
+        println!(
+            "\n6. Restore {}'s backup onto {}",
+            a.device.name, b.device.name
+        );
+        let mut query = ids(project, b);
         query.push(("backupType", BACKUP_TYPE_MASTER.to_string()));
-        query.push(("timestamp", timestamp.to_string()));
+        query.push(("timestamp", backup.timestamp.to_string()));
         query.push(("sourceDeviceId", a.device.id.to_string()));
         let response = lem
             .call(Method::POST, "/api/v1/backup/init-restore", &query, false)
@@ -381,21 +461,12 @@ impl Workflow {
             format!("restore onto {} succeeded", b.device.name),
             check(restored, format!("job ended as {job}")),
         );
-        if restored {
-            self.check_clone(checks, &file, a, b, &identity_before)?;
-        }
-        let _ = (client, &c.activation_code, c.letter);
-        Ok(())
+        Ok(restored)
     }
 
-    /// Polls `list` until it has at least `count` entries, printing the first
-    /// and last call, and returns the newest.
-    async fn poll_list(
-        &self,
-        lem: &LemClient,
-        query: &[(&str, String)],
-        count: usize,
-    ) -> anyhow::Result<Value> {
+    /// Polls `list` until it has an entry, printing the first and last call,
+    /// and returns the newest.
+    async fn poll_list(&self, lem: &LemClient, query: &[(&str, String)]) -> anyhow::Result<Value> {
         let deadline = Instant::now() + self.timeout;
         let mut polls = 0;
         loop {
@@ -403,8 +474,12 @@ impl Workflow {
                 .call(Method::GET, "/api/v1/backup/list", query, polls > 0)
                 .await?;
             polls += 1;
-            let list = response.content("list")?.as_array().cloned().unwrap_or_default();
-            if list.len() >= count {
+            let list = response
+                .content("list")?
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if !list.is_empty() {
                 if polls > 1 {
                     println!("  ... polled list {polls} times until the backup appeared:");
                     println!("  < 200 {}", list[0]);
@@ -438,7 +513,10 @@ impl Workflow {
                 return Ok(job);
             }
             if Instant::now() > deadline {
-                anyhow::bail!("job {job_id} did not end within {}s", self.timeout.as_secs());
+                anyhow::bail!(
+                    "job {job_id} did not end within {}s",
+                    self.timeout.as_secs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -471,7 +549,10 @@ impl Workflow {
         };
         let differences = compare::differences(&expected, &actual, not_in_backup);
         checks.check(
-            format!("{} holds {}'s configuration, flows and historian", b.device.name, a.device.name),
+            format!(
+                "{} holds {}'s configuration, flows and historian",
+                b.device.name, a.device.name
+            ),
             check(differences.is_empty(), differences.join("; ")),
         );
 
@@ -485,7 +566,10 @@ impl Workflow {
         );
         let source_identity = read_identity(&a.state)?;
         checks.check(
-            format!("{} did not take {}'s identity", b.device.name, a.device.name),
+            format!(
+                "{} did not take {}'s identity",
+                b.device.name, a.device.name
+            ),
             check(
                 identity_after != source_identity,
                 "identity equals the source's".to_string(),
@@ -497,10 +581,27 @@ impl Workflow {
         let rows: i64 = db.query_row("SELECT count(*) FROM samples", [], |row| row.get(0))?;
         checks.check(
             format!("restored historian passes integrity_check ({rows} samples)"),
-            check(integrity == "ok", format!("integrity_check returned {integrity}")),
+            check(
+                integrity == "ok",
+                format!("integrity_check returned {integrity}"),
+            ),
         );
         Ok(())
     }
+}
+
+/// The timestamp and checksum of a listed backup.
+struct Listed {
+    timestamp: i64,
+    checksum: String,
+}
+
+/// The `projectId` and `deviceId` query of a gateway.
+fn ids(project: i64, gateway: &Gateway) -> Vec<(&'static str, String)> {
+    vec![
+        ("projectId", project.to_string()),
+        ("deviceId", gateway.device.id.to_string()),
+    ]
 }
 
 fn read_identity(state: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {

@@ -6,15 +6,25 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-async fn call(server: &Server, token: Option<&str>, method: reqwest::Method, path_and_query: &str) -> (StatusCode, Value) {
-    let mut request = reqwest::Client::new().request(method, format!("{}{path_and_query}", server.api));
+async fn call(
+    server: &Server,
+    token: Option<&str>,
+    method: reqwest::Method,
+    path_and_query: &str,
+) -> (StatusCode, Value) {
+    let mut request =
+        reqwest::Client::new().request(method, format!("{}{path_and_query}", server.api));
     if let Some(token) = token {
         request = request.header("X-AuthToken", token);
     }
     let response = request.send().await.unwrap();
     let status = response.status();
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], status.as_str(), "envelope code matches the status: {body}");
+    assert_eq!(
+        body["code"],
+        status.as_str(),
+        "envelope code matches the status: {body}"
+    );
     assert_eq!(body["content"], Value::Null);
     (status, body)
 }
@@ -36,7 +46,11 @@ async fn tokens_missing_unknown_revoked_or_expired_get_401() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     let revoked = client
-        .create_token(&CreateToken { name: "old".into(), project_ids: None, expires_at: None })
+        .create_token(&CreateToken {
+            name: "old".into(),
+            project_ids: None,
+            expires_at: None,
+        })
         .await
         .unwrap();
     client.revoke_token(revoked.info.id).await.unwrap();
@@ -49,7 +63,11 @@ async fn tokens_missing_unknown_revoked_or_expired_get_401() {
         .unwrap()
         .as_millis() as i64;
     let expired = client
-        .create_token(&CreateToken { name: "short".into(), project_ids: None, expires_at: Some(now + 1000) })
+        .create_token(&CreateToken {
+            name: "short".into(),
+            project_ids: None,
+            expires_at: Some(now + 1000),
+        })
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
@@ -66,17 +84,28 @@ async fn scoped_token_gets_403_for_other_project() {
     let other = client.create_project("other").await.unwrap().id;
     let device = client.create_device(other, "d").await.unwrap().device.id;
     let scoped = client
-        .create_token(&CreateToken { name: "line".into(), project_ids: Some(vec![mine]), expires_at: None })
+        .create_token(&CreateToken {
+            name: "line".into(),
+            project_ids: Some(vec![mine]),
+            expires_at: None,
+        })
         .await
         .unwrap();
 
     let path = format!("/api/v1/backup/init-backup?projectId={other}&deviceId={device}");
     let (status, body) = call(&server, Some(&scoped.token), reqwest::Method::POST, &path).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(message(&body).contains(&other.to_string()), "names the project: {body}");
+    assert!(
+        message(&body).contains(&other.to_string()),
+        "names the project: {body}"
+    );
     let own = format!("/api/v1/backup/list?projectId={mine}&deviceId=999");
     let (status, _) = call(&server, Some(&scoped.token), reqwest::Method::GET, &own).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "the scope covers its own project");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the scope covers its own project"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -87,10 +116,22 @@ async fn unknown_project_device_or_backup_gets_404() {
     let device = client.create_device(project, "d").await.unwrap().device.id;
     let token = Some(server.token.as_str());
 
-    let (status, body) = call(&server, token, reqwest::Method::GET, &format!("/api/v1/backup/list?projectId=9999&deviceId={device}")).await;
+    let (status, body) = call(
+        &server,
+        token,
+        reqwest::Method::GET,
+        &format!("/api/v1/backup/list?projectId=9999&deviceId={device}"),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(message(&body).contains("9999"), "{body}");
-    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/init-backup?projectId={project}&deviceId=777")).await;
+    let (status, body) = call(
+        &server,
+        token,
+        reqwest::Method::POST,
+        &format!("/api/v1/backup/init-backup?projectId={project}&deviceId=777"),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(message(&body).contains("777"), "{body}");
     let (status, _) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/get?projectId={project}&deviceId={device}&backupType=MASTER&timestamp=123")).await;
@@ -107,16 +148,40 @@ async fn missing_or_invalid_parameter_gets_400_naming_it() {
     let device = client.create_device(project, "d").await.unwrap().device.id;
     let token = Some(server.token.as_str());
 
-    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/init-backup?projectId={project}")).await;
+    let (status, body) = call(
+        &server,
+        token,
+        reqwest::Method::POST,
+        &format!("/api/v1/backup/init-backup?projectId={project}"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(message(&body).contains("deviceId"), "{body}");
-    let (status, body) = call(&server, token, reqwest::Method::GET, &format!("/api/v1/backup/list?projectId=abc&deviceId={device}")).await;
+    let (status, body) = call(
+        &server,
+        token,
+        reqwest::Method::GET,
+        &format!("/api/v1/backup/list?projectId=abc&deviceId={device}"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(message(&body).contains("projectId"), "{body}");
-    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/get?projectId={project}&deviceId={device}&backupType=MASTER")).await;
+    let (status, body) = call(
+        &server,
+        token,
+        reqwest::Method::POST,
+        &format!("/api/v1/backup/get?projectId={project}&deviceId={device}&backupType=MASTER"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(message(&body).contains("timestamp"), "{body}");
-    let (status, body) = call(&server, token, reqwest::Method::POST, &format!("/api/v1/backup/put?projectId={project}&deviceId={device}&backupType=PARTIAL")).await;
+    let (status, body) = call(
+        &server,
+        token,
+        reqwest::Method::POST,
+        &format!("/api/v1/backup/put?projectId={project}&deviceId={device}&backupType=PARTIAL"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(message(&body).contains("backupType"), "{body}");
 }

@@ -25,7 +25,10 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
-        let dir = tempfile::Builder::new().prefix("edgekeep-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("edgekeep-e2e-")
+            .tempdir()
+            .unwrap();
         let token = format!("ek_{}", "ab".repeat(32));
         let mut server = Server {
             dir,
@@ -76,7 +79,11 @@ impl Server {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("server exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "server did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -195,8 +202,16 @@ pub fn lay_out_device(dir: &Path, name: &str, extra_config: &str) {
         format!("tag,address\n{name}.pressure,40001\n{name}.speed,40002\n"),
     )
     .unwrap();
-    std::fs::write(state.join("identity/device.crt"), format!("CERT OF {name}\n")).unwrap();
-    std::fs::write(state.join("identity/device.key"), format!("KEY OF {name}\n")).unwrap();
+    std::fs::write(
+        state.join("identity/device.crt"),
+        format!("CERT OF {name}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        state.join("identity/device.key"),
+        format!("KEY OF {name}\n"),
+    )
+    .unwrap();
     std::fs::set_permissions(
         state.join("identity/device.key"),
         std::fs::Permissions::from_mode(0o600),
@@ -218,7 +233,11 @@ pub fn lay_out_device(dir: &Path, name: &str, extra_config: &str) {
         )
         .unwrap();
     }
-    std::fs::write(dir.join("agent.toml"), format!("{AGENT_CONFIG}\n{extra_config}")).unwrap();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!("{AGENT_CONFIG}\n{extra_config}"),
+    )
+    .unwrap();
 }
 
 /// Creates a device, lays out its folder and starts its agent.
@@ -296,7 +315,11 @@ pub async fn backup(server: &Server, project: i64, device: i64) -> Backup {
     let client = server.client();
     let job_id = client.init_backup(project, device).await.unwrap().unwrap();
     let job = wait_job(server, job_id).await;
-    assert_eq!(job.state, edgekeep_api::JobState::Succeeded, "backup job: {job:?}");
+    assert_eq!(
+        job.state,
+        edgekeep_api::JobState::Succeeded,
+        "backup job: {job:?}"
+    );
     let list = client.list_backups(project, device).await.unwrap();
     list.into_iter()
         .find(|b| b.job_id == job_id)

@@ -26,9 +26,18 @@ pub fn valid_archive(dir: &Path, out: &Path) -> Vec<u8> {
     std::fs::write(state.join("config/a.json"), "{\"a\": 1}\n".repeat(200)).unwrap();
     std::fs::write(state.join("config/b.csv"), "x,y\n1,2\n").unwrap();
     let items = vec![
-        PackItem { path: ArchivePath::from_bytes("config"), source: state.join("config") },
-        PackItem { path: ArchivePath::from_bytes("config/a.json"), source: state.join("config/a.json") },
-        PackItem { path: ArchivePath::from_bytes("config/b.csv"), source: state.join("config/b.csv") },
+        PackItem {
+            path: ArchivePath::from_bytes("config"),
+            source: state.join("config"),
+        },
+        PackItem {
+            path: ArchivePath::from_bytes("config/a.json"),
+            source: state.join("config/a.json"),
+        },
+        PackItem {
+            path: ArchivePath::from_bytes("config/b.csv"),
+            source: state.join("config/b.csv"),
+        },
     ];
     edgekeep_archive::pack(&items, &source(), out, &mut |_| {}).unwrap();
     std::fs::read(out).unwrap()
@@ -46,15 +55,32 @@ fn entry(path: &[u8], kind: EntryKind, size: u64, link: Option<&[u8]>) -> Entry 
     }
 }
 
+/// An archive entry and the payload bytes stored for it.
+type EntryWithContent = (Entry, &'static [u8]);
+
 /// Uploads `bytes` through `put` and returns the import job once it ended.
-pub async fn import(server: &Server, project: i64, device: i64, bytes: Vec<u8>) -> edgekeep_api::Job {
+pub async fn import(
+    server: &Server,
+    project: i64,
+    device: i64,
+    bytes: Vec<u8>,
+) -> edgekeep_api::Job {
     let (url, job) = server
         .client()
         .upload_url(project, device, "MASTER", None)
         .await
         .unwrap();
-    let response = reqwest::Client::new().put(&url).body(bytes).send().await.unwrap();
-    assert!(response.status().is_success(), "PUT returned {}", response.status());
+    let response = reqwest::Client::new()
+        .put(&url)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "PUT returned {}",
+        response.status()
+    );
     wait_job(server, job.expect("put names its import job")).await
 }
 
@@ -63,13 +89,21 @@ async fn truncated_or_bit_flipped_upload_never_listed() {
     let server = Server::start();
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
-    let device = client.create_device(project, "target").await.unwrap().device.id;
+    let device = client
+        .create_device(project, "target")
+        .await
+        .unwrap()
+        .device
+        .id;
     let good = valid_archive(server.dir.path(), &server.dir.path().join("good.dat"));
 
     let truncated = good[..good.len() - 40].to_vec();
     let job = import(&server, project, device, truncated).await;
     assert_eq!(job.state, JobState::Failed);
-    assert!(job.reason.as_deref().unwrap_or("").contains("422"), "{job:?}");
+    assert!(
+        job.reason.as_deref().unwrap_or("").contains("422"),
+        "{job:?}"
+    );
 
     for offset in [10, good.len() / 2, good.len() - 10] {
         let mut flipped = good.clone();
@@ -78,7 +112,13 @@ async fn truncated_or_bit_flipped_upload_never_listed() {
         assert_eq!(job.state, JobState::Failed, "bit flip at {offset}: {job:?}");
         assert!(job.reason.is_some());
     }
-    assert!(client.list_backups(project, device).await.unwrap().is_empty());
+    assert!(
+        client
+            .list_backups(project, device)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // The intact file is listed without any further call.
     let job = import(&server, project, device, good.clone()).await;
@@ -95,20 +135,55 @@ async fn upload_with_unsafe_entries_rejected() {
     let server = Server::start();
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
-    let device = client.create_device(project, "target").await.unwrap().device.id;
+    let device = client
+        .create_device(project, "target")
+        .await
+        .unwrap()
+        .device
+        .id;
 
-    let cases: Vec<(&str, Vec<(Entry, &[u8])>)> = vec![
-        ("dot-dot", vec![(entry(b"../escape", EntryKind::File, 3, None), b"bad")]),
-        ("absolute", vec![(entry(b"/etc/escape", EntryKind::File, 3, None), b"bad")]),
-        ("symlink out", vec![(entry(b"link", EntryKind::Symlink, 0, Some(b"../../outside")), b"")]),
-        ("absolute symlink", vec![(entry(b"link", EntryKind::Symlink, 0, Some(b"/etc")), b"")]),
-        ("hard link", vec![(entry(b"hard", EntryKind::HardLink, 0, Some(b"/etc/passwd")), b"")]),
-        ("fifo", vec![(entry(b"pipe", EntryKind::Fifo, 0, None), b"")]),
-        ("device node", vec![(entry(b"disk", EntryKind::BlockDevice, 0, None), b"")]),
+    let cases: Vec<(&str, Vec<EntryWithContent>)> = vec![
+        (
+            "dot-dot",
+            vec![(entry(b"../escape", EntryKind::File, 3, None), b"bad")],
+        ),
+        (
+            "absolute",
+            vec![(entry(b"/etc/escape", EntryKind::File, 3, None), b"bad")],
+        ),
+        (
+            "symlink out",
+            vec![(
+                entry(b"link", EntryKind::Symlink, 0, Some(b"../../outside")),
+                b"",
+            )],
+        ),
+        (
+            "absolute symlink",
+            vec![(entry(b"link", EntryKind::Symlink, 0, Some(b"/etc")), b"")],
+        ),
+        (
+            "hard link",
+            vec![(
+                entry(b"hard", EntryKind::HardLink, 0, Some(b"/etc/passwd")),
+                b"",
+            )],
+        ),
+        (
+            "fifo",
+            vec![(entry(b"pipe", EntryKind::Fifo, 0, None), b"")],
+        ),
+        (
+            "device node",
+            vec![(entry(b"disk", EntryKind::BlockDevice, 0, None), b"")],
+        ),
         (
             "write through symlink",
             vec![
-                (entry(b"dir", EntryKind::Symlink, 0, Some(b"elsewhere")), b""),
+                (
+                    entry(b"dir", EntryKind::Symlink, 0, Some(b"elsewhere")),
+                    b"",
+                ),
                 (entry(b"dir/file", EntryKind::File, 3, None), b"bad"),
             ],
         ),
@@ -124,6 +199,12 @@ async fn upload_with_unsafe_entries_rejected() {
         assert_eq!(job.state, JobState::Failed, "{name}: {job:?}");
         assert!(job.reason.is_some(), "{name} has a reason");
     }
-    assert!(client.list_backups(project, device).await.unwrap().is_empty());
+    assert!(
+        client
+            .list_backups(project, device)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(!server.dir.path().join("escape").exists());
 }

@@ -11,15 +11,27 @@ async fn second_job_on_busy_device_gets_409() {
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     // No agent runs, so the first job stays queued.
-    let device = client.create_device(project, "offline").await.unwrap().device.id;
+    let device = client
+        .create_device(project, "offline")
+        .await
+        .unwrap()
+        .device
+        .id;
     let first = client.init_backup(project, device).await.unwrap().unwrap();
     assert_eq!(client.job(first).await.unwrap().state, JobState::Queued);
 
     let error = client.init_backup(project, device).await.unwrap_err();
     assert_eq!(error.status, 409);
-    assert!(error.message.contains(&first.to_string()), "names the active job: {}", error.message);
+    assert!(
+        error.message.contains(&first.to_string()),
+        "names the active job: {}",
+        error.message
+    );
     let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/backup/init-backup?projectId={project}&deviceId={device}", server.api))
+        .post(format!(
+            "{}/api/v1/backup/init-backup?projectId={project}&deviceId={device}",
+            server.api
+        ))
         .header("X-AuthToken", &server.token)
         .send()
         .await
@@ -46,12 +58,23 @@ async fn job_for_offline_device_runs_when_agent_returns() {
     let job = client.init_backup(project, device).await.unwrap().unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(client.job(job).await.unwrap().state, JobState::Queued);
-    assert!(client.list_backups(project, device).await.unwrap().is_empty());
+    assert!(
+        client
+            .list_backups(project, device)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // The agent comes back with its stored credential and no activation code.
     let agent = Agent::start(&server, &agent.dir, None);
     let finished = wait_job(&server, job).await;
-    assert_eq!(finished.state, JobState::Succeeded, "{finished:?}\n{}", agent.log());
+    assert_eq!(
+        finished.state,
+        JobState::Succeeded,
+        "{finished:?}\n{}",
+        agent.log()
+    );
     let list = client.list_backups(project, device).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].job_id, job);
@@ -62,7 +85,12 @@ async fn jobs_survive_server_restart() {
     let mut server = Server::start();
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
-    let device = client.create_device(project, "later").await.unwrap().device.id;
+    let device = client
+        .create_device(project, "later")
+        .await
+        .unwrap()
+        .device
+        .id;
     let job = client.init_backup(project, device).await.unwrap().unwrap();
 
     server.kill();

@@ -8,7 +8,12 @@ use serde_json::Value;
 use crate::harness::*;
 
 /// Calls a LEM endpoint with a plain HTTP client and returns status and body.
-async fn lem(server: &Server, method: reqwest::Method, path: &str, query: &[(&str, String)]) -> (StatusCode, Value, Option<String>) {
+async fn lem(
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    query: &[(&str, String)],
+) -> (StatusCode, Value, Option<String>) {
     let response = reqwest::Client::new()
         .request(method, format!("{}{path}", server.api))
         .header("X-AuthToken", &server.token)
@@ -32,7 +37,12 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
     let (b, agent_b) = add_device(&server, project, "gw-b", "").await;
     let (c, _agent_c) = add_device(&server, project, "gw-c", "").await;
     let (a, b, c) = (a.device, b.device, c.device);
-    let ids = |device: i64| vec![("projectId", project.to_string()), ("deviceId", device.to_string())];
+    let ids = |device: i64| {
+        vec![
+            ("projectId", project.to_string()),
+            ("deviceId", device.to_string()),
+        ]
+    };
 
     // Make a backup of A while another connection writes to its historian.
     let db_path = agent_a.state().join("data/historian.db");
@@ -43,13 +53,22 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
         db.busy_timeout(Duration::from_secs(10)).unwrap();
         let mut written = 0u64;
         while !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
-            db.execute("INSERT INTO samples (tag, value) VALUES ('w', ?1)", [written as f64])
-                .unwrap();
+            db.execute(
+                "INSERT INTO samples (tag, value) VALUES ('w', ?1)",
+                [written as f64],
+            )
+            .unwrap();
             written += 1;
         }
         written
     });
-    let (status, body, job) = lem(&server, reqwest::Method::POST, "/api/v1/backup/init-backup", &ids(a.id)).await;
+    let (status, body, job) = lem(
+        &server,
+        reqwest::Method::POST,
+        "/api/v1/backup/init-backup",
+        &ids(a.id),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, serde_json::json!({"code": "200", "content": null}));
     assert!(job.is_some(), "init-backup names its job in a header");
@@ -57,20 +76,36 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
     // Poll the list until the backup appears.
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
     let entry = loop {
-        let (status, body, _) = lem(&server, reqwest::Method::GET, "/api/v1/backup/list", &ids(a.id)).await;
+        let (status, body, _) = lem(
+            &server,
+            reqwest::Method::GET,
+            "/api/v1/backup/list",
+            &ids(a.id),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["code"], "200");
         if let Some(first) = body["content"].as_array().and_then(|l| l.first()) {
             break first.clone();
         }
-        assert!(std::time::Instant::now() < deadline, "backup never listed: {}", server.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backup never listed: {}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(writer.join().unwrap() > 0, "the writer wrote during the backup");
+    assert!(
+        writer.join().unwrap() > 0,
+        "the writer wrote during the backup"
+    );
     assert_eq!(entry["backupType"], "MASTER");
     let timestamp = entry["timestamp"].as_i64().unwrap();
-    assert!(timestamp > 1_700_000_000_000, "timestamp is epoch milliseconds: {timestamp}");
+    assert!(
+        timestamp > 1_700_000_000_000,
+        "timestamp is epoch milliseconds: {timestamp}"
+    );
     assert_eq!(entry["sourceDeviceId"], a.id);
 
     // Get the download URL and fetch it with no auth header.
@@ -86,7 +121,10 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
     assert_eq!(file.status(), StatusCode::OK);
     let bytes = file.bytes().await.unwrap();
     assert_eq!(bytes.len() as u64, entry["size"].as_u64().unwrap());
-    assert_eq!(hex::encode(sha2_digest(&bytes)), entry["checksum"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(sha2_digest(&bytes)),
+        entry["checksum"].as_str().unwrap()
+    );
 
     // Relocate the file onto C through a pre-signed PUT URL.
     let mut query = ids(c.id);
@@ -94,12 +132,20 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
     let (status, body, _) = lem(&server, reqwest::Method::POST, "/api/v1/backup/put", &query).await;
     assert_eq!(status, StatusCode::OK);
     let put_url = body["content"].as_str().unwrap().to_string();
-    let put = reqwest::Client::new().put(&put_url).body(bytes.to_vec()).send().await.unwrap();
+    let put = reqwest::Client::new()
+        .put(&put_url)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
     assert!(put.status().is_success(), "PUT returned {}", put.status());
     let relocated = wait_listed(&server, project, c.id, 1).await;
     assert_eq!(relocated[0].checksum, entry["checksum"].as_str().unwrap());
     assert_eq!(relocated[0].source_device_id, Some(a.id));
-    assert_ne!(relocated[0].timestamp, timestamp, "timestamps are unique per project");
+    assert_ne!(
+        relocated[0].timestamp, timestamp,
+        "timestamps are unique per project"
+    );
 
     // Restore A's backup onto B.
     let identity_before = identity(&agent_b.state());
@@ -108,11 +154,22 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
     query.push(("backupType", "MASTER".into()));
     query.push(("timestamp", timestamp.to_string()));
     query.push(("sourceDeviceId", a.id.to_string()));
-    let (status, body, job) = lem(&server, reqwest::Method::POST, "/api/v1/backup/init-restore", &query).await;
+    let (status, body, job) = lem(
+        &server,
+        reqwest::Method::POST,
+        "/api/v1/backup/init-restore",
+        &query,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, serde_json::json!({"code": "200", "content": null}));
     let job = wait_job(&server, job.unwrap().parse().unwrap()).await;
-    assert_eq!(job.state, edgekeep_api::JobState::Succeeded, "{job:?}\n{}", agent_b.log());
+    assert_eq!(
+        job.state,
+        edgekeep_api::JobState::Succeeded,
+        "{job:?}\n{}",
+        agent_b.log()
+    );
 
     // B now holds A's configuration and historian but keeps its identity.
     let state_b = agent_b.state();
@@ -125,11 +182,18 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
         "tag,address\ngw-a.pressure,40001\ngw-a.speed,40002\n"
     );
     assert_eq!(identity(&state_b), identity_before, "B keeps its identity");
-    assert_eq!(std::fs::read(state_b.join("logs/gateway.log")).unwrap(), logs_before);
+    assert_eq!(
+        std::fs::read(state_b.join("logs/gateway.log")).unwrap(),
+        logs_before
+    );
     let db = rusqlite::Connection::open(state_b.join("data/historian.db")).unwrap();
-    let integrity: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let integrity: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(integrity, "ok");
-    let rows: i64 = db.query_row("SELECT count(*) FROM samples", [], |r| r.get(0)).unwrap();
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM samples", [], |r| r.get(0))
+        .unwrap();
     assert!(rows >= 500, "the historian has its seed rows: {rows}");
     let tag: String = db
         .query_row("SELECT tag FROM samples WHERE id = 1", [], |r| r.get(0))
@@ -138,8 +202,12 @@ async fn lem_steps_back_up_download_relocate_and_clone() {
 }
 
 pub fn identity(state: &std::path::Path) -> Vec<Vec<u8>> {
-    ["identity/device.crt", "identity/device.key", "identity/hostname"]
-        .iter()
-        .map(|p| std::fs::read(state.join(p)).unwrap())
-        .collect()
+    [
+        "identity/device.crt",
+        "identity/device.key",
+        "identity/hostname",
+    ]
+    .iter()
+    .map(|p| std::fs::read(state.join(p)).unwrap())
+    .collect()
 }

@@ -41,9 +41,16 @@ async fn presigned_urls_checked_for_signature_key_and_expiry() {
     let server = Server::start();
     let store = Arc::new(s3_client(&server, None));
     let key = ObjectPath::from("probe/object.bin");
-    store.put(&key, PutPayload::from_static(b"probe content")).await.unwrap();
+    store
+        .put(&key, PutPayload::from_static(b"probe content"))
+        .await
+        .unwrap();
     let read = store.get(&key).await.unwrap().bytes().await.unwrap();
-    assert_eq!(&read[..], b"probe content", "a real S3 client with the right key works");
+    assert_eq!(
+        &read[..],
+        b"probe content",
+        "a real S3 client with the right key works"
+    );
 
     let good = store
         .signed_url(http::Method::GET, &key, Duration::from_secs(3600))
@@ -54,7 +61,11 @@ async fn presigned_urls_checked_for_signature_key_and_expiry() {
     assert_eq!(&response.bytes().await.unwrap()[..], b"probe content");
 
     let response = reqwest::get(tamper(good.as_str())).await.unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN, "changed signature");
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "changed signature"
+    );
 
     let stranger = s3_client(&server, Some("not-the-secret-key-of-this-server"));
     let foreign = stranger
@@ -62,8 +73,15 @@ async fn presigned_urls_checked_for_signature_key_and_expiry() {
         .await
         .unwrap();
     let response = reqwest::get(foreign.as_str()).await.unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN, "signed with another key");
-    assert!(stranger.get(&key).await.is_err(), "header auth with another key");
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "signed with another key"
+    );
+    assert!(
+        stranger.get(&key).await.is_err(),
+        "header auth with another key"
+    );
 
     let short = store
         .signed_url(http::Method::GET, &key, Duration::from_secs(1))
@@ -75,7 +93,11 @@ async fn presigned_urls_checked_for_signature_key_and_expiry() {
 
     let unsigned = format!("{}/edgekeep/probe/object.bin", server.s3);
     let response = reqwest::get(unsigned).await.unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN, "no signature at all");
+    assert_eq!(
+        response.status(),
+        StatusCode::FORBIDDEN,
+        "no signature at all"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -89,7 +111,10 @@ async fn download_url_with_changed_signature_refused() {
     assert_eq!(job.state, JobState::Succeeded, "{job:?}");
     let timestamp = job.timestamp.unwrap();
 
-    let url = client.download_url(project, device, "MASTER", timestamp).await.unwrap();
+    let url = client
+        .download_url(project, device, "MASTER", timestamp)
+        .await
+        .unwrap();
     assert!(url.contains("X-Amz-Expires=604800"));
     let response = reqwest::get(&url).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -98,6 +123,11 @@ async fn download_url_with_changed_signature_refused() {
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 
     // An upload URL cannot be turned into a download, nor the other way.
-    let put = reqwest::Client::new().put(&url).body("overwrite").send().await.unwrap();
+    let put = reqwest::Client::new()
+        .put(&url)
+        .body("overwrite")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(put.status(), StatusCode::FORBIDDEN);
 }

@@ -20,5 +20,8 @@ fn quickstart_passes_every_check() {
     );
     assert!(stdout.contains("checks passed"), "{stdout}");
     assert!(!stdout.contains("FAILED"), "{stdout}");
-    assert!(stdout.contains("> POST /api/v1/backup/init-restore?"), "{stdout}");
+    assert!(
+        stdout.contains("> POST /api/v1/backup/init-restore?"),
+        "{stdout}"
+    );
 }

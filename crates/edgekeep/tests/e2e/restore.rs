@@ -37,14 +37,24 @@ async fn restore_of_corrupt_backup_leaves_target_unchanged() {
 
     let before = state_tree(&agent_b);
     let job = client
-        .init_restore(project, b.device.id, "MASTER", backup.timestamp, Some(a.device.id))
+        .init_restore(
+            project,
+            b.device.id,
+            "MASTER",
+            backup.timestamp,
+            Some(a.device.id),
+        )
         .await
         .unwrap()
         .unwrap();
     let job = wait_job(&server, job).await;
     assert_eq!(job.state, JobState::Failed, "{job:?}");
     assert!(job.reason.is_some());
-    assert_eq!(state_tree(&agent_b), before, "the target is exactly as before");
+    assert_eq!(
+        state_tree(&agent_b),
+        before,
+        "the target is exactly as before"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,13 +78,23 @@ async fn restore_killed_halfway_leaves_target_unchanged() {
     let before = state_tree(&agent_b);
 
     let job = client
-        .init_restore(project, b.device.id, "MASTER", backup.timestamp, Some(a.device.id))
+        .init_restore(
+            project,
+            b.device.id,
+            "MASTER",
+            backup.timestamp,
+            Some(a.device.id),
+        )
         .await
         .unwrap()
         .unwrap();
     let deadline = Instant::now() + STEP_TIMEOUT;
     while !marker.exists() {
-        assert!(Instant::now() < deadline, "the hook never ran:\n{}", agent_b.log());
+        assert!(
+            Instant::now() < deadline,
+            "the hook never ran:\n{}",
+            agent_b.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_ne!(state_tree(&agent_b), before, "the new state was swapped in");
@@ -84,7 +104,11 @@ async fn restore_killed_halfway_leaves_target_unchanged() {
     let agent_b = Agent::start(&server, &agent_b.dir, None);
     let job = wait_job(&server, job).await;
     assert_eq!(job.state, JobState::Failed, "{job:?}\n{}", agent_b.log());
-    assert_eq!(state_tree(&agent_b), before, "the target is exactly as before");
+    assert_eq!(
+        state_tree(&agent_b),
+        before,
+        "the target is exactly as before"
+    );
 }
 
 /// Adds files that tar-like formats get wrong: empty folders, modes, a
@@ -98,7 +122,11 @@ fn add_odd_files(state: &Path) {
     std::fs::write(odd.join("secret.key"), "k").unwrap();
     std::fs::write(odd.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
     std::fs::write(odd.join("frozen.cfg"), "read only\n").unwrap();
-    std::fs::write(odd.join(OsStr::from_bytes(b"caf\xe9-latin1.txt")), "latin-1 name\n").unwrap();
+    std::fs::write(
+        odd.join(OsStr::from_bytes(b"caf\xe9-latin1.txt")),
+        "latin-1 name\n",
+    )
+    .unwrap();
     let long = "n".repeat(150) + ".json";
     std::fs::write(odd.join(&long), "{}\n").unwrap();
     std::os::unix::fs::symlink("../config/tags.csv", odd.join("tags-link")).unwrap();
@@ -125,7 +153,13 @@ async fn round_trip_keeps_modes_empty_folders_and_odd_names() {
 
     let backup = backup(&server, project, a.device.id).await;
     let job = client
-        .init_restore(project, b.device.id, "MASTER", backup.timestamp, Some(a.device.id))
+        .init_restore(
+            project,
+            b.device.id,
+            "MASTER",
+            backup.timestamp,
+            Some(a.device.id),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -135,7 +169,11 @@ async fn round_trip_keeps_modes_empty_folders_and_odd_names() {
     let expected = tree(&agent_a.state().join("odd"));
     let actual = tree(&agent_b.state().join("odd"));
     assert_eq!(actual, expected);
-    assert_eq!(expected.len(), 16, "every odd path was compared: {expected:#?}");
+    assert_eq!(
+        expected.len(),
+        16,
+        "every odd path was compared: {expected:#?}"
+    );
     assert_eq!(
         tree(&agent_b.state().join("config")),
         tree(&agent_a.state().join("config"))
