@@ -151,7 +151,12 @@ impl Client {
             ("deviceId", device_id.to_string()),
         ];
         let (_, job): (Option<serde_json::Value>, _) = self
-            .call(Method::POST, "/api/v1/backup/init-backup", &query, None::<&()>)
+            .call(
+                Method::POST,
+                "/api/v1/backup/init-backup",
+                &query,
+                None::<&()>,
+            )
             .await?;
         Ok(job)
     }
@@ -228,7 +233,12 @@ impl Client {
             query.push(("sourceDeviceId", source.to_string()));
         }
         let (_, job): (Option<serde_json::Value>, _) = self
-            .call(Method::POST, "/api/v1/backup/init-restore", &query, None::<&()>)
+            .call(
+                Method::POST,
+                "/api/v1/backup/init-restore",
+                &query,
+                None::<&()>,
+            )
             .await?;
         Ok(job)
     }
@@ -265,9 +275,7 @@ impl Client {
         device_id: i64,
     ) -> ApiResult<DeviceActivation> {
         let path = format!("/api/v1/projects/{project_id}/devices/{device_id}/activation-code");
-        let (content, _) = self
-            .call(Method::POST, &path, &[], None::<&()>)
-            .await?;
+        let (content, _) = self.call(Method::POST, &path, &[], None::<&()>).await?;
         required(content, &path)
     }
 
@@ -310,9 +318,7 @@ impl Client {
 
     pub async fn cancel_job(&self, job_id: i64) -> ApiResult<Job> {
         let path = format!("/api/v1/jobs/{job_id}/cancel");
-        let (content, _) = self
-            .call(Method::POST, &path, &[], None::<&()>)
-            .await?;
+        let (content, _) = self.call(Method::POST, &path, &[], None::<&()>).await?;
         required(content, &path)
     }
 
@@ -329,9 +335,8 @@ impl Client {
 
     pub async fn revoke_token(&self, token_id: i64) -> ApiResult<()> {
         let path = format!("/api/v1/tokens/{token_id}");
-        let _: (Option<serde_json::Value>, _) = self
-            .call(Method::DELETE, &path, &[], None::<&()>)
-            .await?;
+        let _: (Option<serde_json::Value>, _) =
+            self.call(Method::DELETE, &path, &[], None::<&()>).await?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! `edgekeep`: the manager server, the device agent and the command line.
 
-mod archive_cmd;
 mod agent_cmd;
+mod archive_cmd;
 mod bench;
 mod cli;
 mod quickstart;

@@ -149,7 +149,10 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
             wait,
         } => {
             if !file.is_file() {
-                anyhow::bail!("{} is not a file; pass the path of a .dat backup", file.display());
+                anyhow::bail!(
+                    "{} is not a file; pass the path of a .dat backup",
+                    file.display()
+                );
             }
             let (url, job) = client
                 .upload_url(target.project, target.device, &backup_type, timestamp)

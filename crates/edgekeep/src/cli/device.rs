@@ -94,7 +94,9 @@ fn print_row(d: &Device) {
         d.id,
         d.name,
         state,
-        d.last_seen_at.map(format_time).unwrap_or_else(|| "-".into()),
+        d.last_seen_at
+            .map(format_time)
+            .unwrap_or_else(|| "-".into()),
         d.arch.as_deref().unwrap_or("-"),
         d.platform_version.as_deref().unwrap_or("-"),
     );

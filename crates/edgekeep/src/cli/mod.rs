@@ -19,7 +19,12 @@ use serde::Serialize;
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// Base URL of the edgekeep server.
-    #[arg(long, env = "EDGEKEEP_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "EDGEKEEP_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// API token sent as X-AuthToken.
     #[arg(long, env = "EDGEKEEP_TOKEN", hide_env_values = true, global = true)]
@@ -144,7 +149,11 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "m" => number * 60,
         "h" => number * 3600,
         "d" => number * 86_400,
-        _ => return Err(format!("invalid duration unit {unit:?} in {value:?}: use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {value:?}: use s, m, h or d"
+            ));
+        }
     };
     Ok(Duration::from_secs(seconds))
 }

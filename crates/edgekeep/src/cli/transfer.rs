@@ -85,13 +85,12 @@ pub async fn upload(url: &str, path: &Path, quiet: bool) -> anyhow::Result<u64> 
         byte_bar(Some(size), "upload")
     };
     let progress = bar.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect(
-        move |chunk| {
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect(move |chunk| {
             if let Ok(chunk) = chunk {
                 progress.inc(chunk.len() as u64);
             }
-        },
-    );
+        });
     let response = reqwest::Client::new()
         .put(url)
         .header(reqwest::header::CONTENT_LENGTH, size)
