@@ -48,6 +48,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Exit quietly when the reader of our output goes away, as in
+    // `edgekeep job list | head`, instead of panicking on EPIPE.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_logging(&cli.command);
     let result = match cli.command {
@@ -94,6 +100,7 @@ fn init_logging(command: &Command) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

@@ -20,8 +20,10 @@ pub struct BackupArgs {
 /// Options that name one device of one project.
 #[derive(Debug, Args)]
 struct Target {
+    /// Id of the project.
     #[arg(long)]
     project: i64,
+    /// Id of the device.
     #[arg(long)]
     device: i64,
 }
@@ -58,9 +60,10 @@ enum BackupCommand {
         /// Timestamp of the backup, from `backup list`.
         #[arg(long)]
         timestamp: i64,
+        /// Backup type; MASTER is a full device backup.
         #[arg(long = "type", default_value = BACKUP_TYPE_MASTER)]
         backup_type: String,
-        /// File to write. Default: DEVICE-TIMESTAMP.dat in the current folder.
+        /// File to write. Default: device-ID-TIMESTAMP.dat in the current folder.
         #[arg(long, short)]
         out: Option<PathBuf>,
         /// Print the pre-signed URL instead of downloading.
@@ -77,6 +80,7 @@ enum BackupCommand {
         /// Timestamp to list the backup under. Default: assigned by the server.
         #[arg(long)]
         timestamp: Option<i64>,
+        /// Backup type; MASTER is a full device backup.
         #[arg(long = "type", default_value = BACKUP_TYPE_MASTER)]
         backup_type: String,
         #[command(flatten)]
@@ -97,6 +101,7 @@ enum BackupCommand {
         /// The device the backup is listed under, when it is not --device.
         #[arg(long)]
         source_device: Option<i64>,
+        /// Backup type; MASTER is a full device backup.
         #[arg(long = "type", default_value = BACKUP_TYPE_MASTER)]
         backup_type: String,
         #[command(flatten)]

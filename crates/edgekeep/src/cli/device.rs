@@ -17,6 +17,7 @@ pub struct DeviceArgs {
 enum DeviceCommand {
     /// Register a device and print its one-time activation code.
     Create {
+        /// Id of the project.
         #[arg(long)]
         project: i64,
         /// Name of the new device.
@@ -24,11 +25,13 @@ enum DeviceCommand {
     },
     /// List the devices of a project with their online state.
     List {
+        /// Id of the project.
         #[arg(long)]
         project: i64,
     },
     /// Show one device.
     Show {
+        /// Id of the project.
         #[arg(long)]
         project: i64,
         /// Id of the device.
@@ -37,6 +40,7 @@ enum DeviceCommand {
     /// Issue a new activation code, for example for replaced hardware. The
     /// device's current credential stops working.
     ActivationCode {
+        /// Id of the project.
         #[arg(long)]
         project: i64,
         /// Id of the device.

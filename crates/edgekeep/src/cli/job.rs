@@ -19,8 +19,10 @@ pub struct JobArgs {
 enum JobCommand {
     /// List jobs, newest first.
     List {
+        /// Only jobs of this project.
         #[arg(long)]
         project: Option<i64>,
+        /// Only jobs of this device.
         #[arg(long)]
         device: Option<i64>,
         /// Only jobs in this state: queued, running, succeeded, failed,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use edgekeep_api::{Client, Job, JobState};
+use edgekeep_api::{Client, Job, JobKind, JobState};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -100,6 +100,7 @@ pub fn format_bytes(bytes: u64) -> String {
 /// Follows a job until it ends, with a progress bar on a terminal, and fails
 /// unless it succeeded.
 pub async fn follow_job(client: &Client, job_id: i64, timeout: Duration) -> anyhow::Result<Job> {
+    warn_if_device_offline(client, job_id).await?;
     let bar = ProgressBar::new(1000);
     bar.set_style(
         ProgressStyle::with_template("job {prefix} [{bar:30}] {percent:>3}% {msg}")
@@ -132,6 +133,30 @@ pub async fn follow_job(client: &Client, job_id: i64, timeout: Duration) -> anyh
         );
     }
     Ok(job)
+}
+
+/// Tells the user when a queued device job waits for an offline device, so
+/// `--wait` does not look stuck.
+async fn warn_if_device_offline(client: &Client, job_id: i64) -> anyhow::Result<()> {
+    let job = client.job(job_id).await?;
+    if job.state != JobState::Queued || job.kind == JobKind::Import {
+        return Ok(());
+    }
+    let device = client.device(job.project_id, job.device_id).await?;
+    if device.online {
+        return Ok(());
+    }
+    let since = device
+        .last_seen_at
+        .map(|t| format!(" since {} UTC", format_time(t)))
+        .unwrap_or_else(|| " and has never connected".to_string());
+    eprintln!(
+        "device {} ({}) is offline{since}; job {job_id} waits for it until {} UTC",
+        device.id,
+        device.name,
+        format_time(job.expires_at)
+    );
+    Ok(())
 }
 
 /// Parses durations such as `90s`, `30m`, `24h` or `7d`.
