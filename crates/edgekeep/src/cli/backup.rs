@@ -211,14 +211,14 @@ async fn finish_job_command(
 fn print_backups(backups: &[Backup]) {
     println!(
         "{:<14}  {:<7}  {:<20}  {:>10}  {:<20}  CHECKSUM",
-        "TIMESTAMP", "TYPE", "CREATED (UTC)", "SIZE", "SOURCE"
+        "TIMESTAMP", "TYPE", "CREATED", "SIZE", "SOURCE"
     );
     for b in backups {
         println!(
             "{:<14}  {:<7}  {:<20}  {:>10}  {:<20}  {}",
             b.timestamp,
             b.backup_type,
-            format_time(b.timestamp),
+            format_time(b.created_at),
             format_bytes(b.size),
             b.source_device_name,
             &b.checksum[..b.checksum.len().min(16)],

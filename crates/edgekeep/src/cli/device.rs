@@ -65,7 +65,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             connection.print(&devices, |devices| {
                 println!(
                     "{:>6}  {:<24}  {:<8}  {:<20}  {:<8}  PLATFORM",
-                    "ID", "NAME", "STATE", "LAST SEEN (UTC)", "ARCH"
+                    "ID", "NAME", "STATE", "LAST SEEN", "ARCH"
                 );
                 for d in devices {
                     print_row(d);
@@ -77,7 +77,7 @@ pub async fn run(args: DeviceArgs) -> anyhow::Result<()> {
             connection.print(&device, |d| {
                 println!(
                     "{:>6}  {:<24}  {:<8}  {:<20}  {:<8}  PLATFORM",
-                    "ID", "NAME", "STATE", "LAST SEEN (UTC)", "ARCH"
+                    "ID", "NAME", "STATE", "LAST SEEN", "ARCH"
                 );
                 print_row(d);
             })
@@ -114,7 +114,7 @@ fn print_activation(activation: &DeviceActivation) {
     );
     println!("activation code: {}", activation.activation_code);
     println!(
-        "valid until {} UTC, once; start the agent on the device with \
+        "valid until {}, once; start the agent on the device with \
          `edgekeep agent --server URL --activation-code CODE --state-dir DIR`",
         format_time(activation.activation_expires_at)
     );

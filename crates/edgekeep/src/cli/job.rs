@@ -94,7 +94,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<()> {
 fn print_header() {
     println!(
         "{:>6}  {:<8}  {:<10}  {:>7}  {:>7}  {:>5}  {:<20}  REASON",
-        "ID", "KIND", "STATE", "PROJECT", "DEVICE", "DONE", "CREATED (UTC)"
+        "ID", "KIND", "STATE", "PROJECT", "DEVICE", "DONE", "CREATED"
     );
 }
 
@@ -128,15 +128,15 @@ fn print_details(job: &Job) {
         println!("  step:         {message}");
     }
     println!("  requested by: {}", job.requested_by);
-    println!("  created:      {} UTC", format_time(job.created_at));
+    println!("  created:      {}", format_time(job.created_at));
     if let Some(started) = job.started_at {
-        println!("  started:      {} UTC", format_time(started));
+        println!("  started:      {}", format_time(started));
     }
     if let Some(finished) = job.finished_at {
-        println!("  finished:     {} UTC", format_time(finished));
+        println!("  finished:     {}", format_time(finished));
     }
     if !job.state.is_final() {
-        println!("  expires:      {} UTC", format_time(job.expires_at));
+        println!("  expires:      {}", format_time(job.expires_at));
     }
     if let Some(reason) = &job.reason {
         println!("  reason:       {reason}");

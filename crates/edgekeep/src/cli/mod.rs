@@ -53,33 +53,11 @@ impl Connection {
     }
 }
 
-/// Formats epoch milliseconds as UTC `YYYY-MM-DD HH:MM:SS`.
-pub fn format_time(millis: i64) -> String {
-    let secs = millis.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use edgekeep_server::config::parse_duration;
 
-/// Converts days since 1970-01-01 to a proleptic Gregorian date (Howard
-/// Hinnant's `civil_from_days` algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// Formats epoch milliseconds as RFC 3339 UTC, such as `2026-12-04T16:00:00Z`.
+pub fn format_time(millis: i64) -> String {
+    edgekeep_server::format_time(millis)
 }
 
 pub fn format_bytes(bytes: u64) -> String {
@@ -148,10 +126,10 @@ async fn warn_if_device_offline(client: &Client, job_id: i64) -> anyhow::Result<
     }
     let since = device
         .last_seen_at
-        .map(|t| format!(" since {} UTC", format_time(t)))
+        .map(|t| format!(" since {}", format_time(t)))
         .unwrap_or_else(|| " and has never connected".to_string());
     eprintln!(
-        "device {} ({}) is offline{since}; job {job_id} waits for it until {} UTC",
+        "device {} ({}) is offline{since}; job {job_id} waits for it until {}",
         device.id,
         device.name,
         format_time(job.expires_at)
@@ -159,49 +137,9 @@ async fn warn_if_device_offline(client: &Client, job_id: i64) -> anyhow::Result<
     Ok(())
 }
 
-/// Parses durations such as `90s`, `30m`, `24h` or `7d`.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {value:?}: expected a number and s, m, h or d"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "m" => number * 60,
-        "h" => number * 3600,
-        "d" => number * 86_400,
-        _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {value:?}: use s, m, h or d"
-            ));
-        }
-    };
-    Ok(Duration::from_secs(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn format_time_epoch_and_leap_day() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00");
-        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
-        assert_eq!(format_time(1_796_400_000_123), "2026-12-04 16:00:00");
-    }
-
-    #[test]
-    fn parse_duration_units() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
-        assert!(parse_duration("5w").is_err());
-        assert!(parse_duration("h").is_err());
-    }
 
     #[test]
     fn format_bytes_units() {

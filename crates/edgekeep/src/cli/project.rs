@@ -36,7 +36,7 @@ pub async fn run(args: ProjectArgs) -> anyhow::Result<()> {
         ProjectCommand::List => {
             let projects = client.list_projects().await?;
             connection.print(&projects, |projects| {
-                println!("{:>6}  {:<30}  CREATED (UTC)", "ID", "NAME");
+                println!("{:>6}  {:<30}  CREATED", "ID", "NAME");
                 for p in projects {
                     println!("{:>6}  {:<30}  {}", p.id, p.name, format_time(p.created_at));
                 }

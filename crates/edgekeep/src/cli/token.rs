@@ -62,7 +62,7 @@ pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
             connection.print(&tokens, |tokens| {
                 println!(
                     "{:>5}  {:<20}  {:<12}  {:<20}  STATUS",
-                    "ID", "NAME", "PROJECTS", "EXPIRES (UTC)"
+                    "ID", "NAME", "PROJECTS", "EXPIRES"
                 );
                 for t in tokens {
                     let scope = match &t.project_ids {
