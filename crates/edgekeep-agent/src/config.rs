@@ -87,6 +87,16 @@ impl AgentConfig {
     /// Checks every path and glob, and rewrites paths without `.` components
     /// or trailing slashes.
     fn normalize(&mut self) -> std::result::Result<(), String> {
+        // A version that does not parse would make every backup taken with it
+        // impossible to restore, because the restore compares versions.
+        if let Some(version) = &self.platform_version {
+            crate::version::check_version(version).map_err(|_| {
+                format!(
+                    "platform_version {version:?} is not dotted numbers such as 2.14.0 (a suffix \
+                     after '-' or '+' is allowed); set it to the platform's version"
+                )
+            })?;
+        }
         if let Some(include) = &mut self.include {
             if include.is_empty() {
                 return Err(
@@ -234,6 +244,22 @@ mod tests {
         let err = AgentConfig::parse("[[sqlite]]\npath = \"data/../../x.db\"").unwrap_err();
         assert!(err.contains("sqlite.path"), "{err}");
         assert!(err.contains("data/../../x.db"), "{err}");
+    }
+
+    #[test]
+    fn non_numeric_platform_version_is_rejected() {
+        for version in ["abc", "", "2..1", "2.x"] {
+            let err = AgentConfig::parse(&format!("platform_version = {version:?}")).unwrap_err();
+            assert!(err.contains("platform_version"), "{err}");
+            assert!(err.contains(&format!("{version:?}")), "{err}");
+            assert!(err.contains("2.14.0"), "{err}");
+        }
+    }
+
+    #[test]
+    fn platform_version_with_suffix_is_accepted() {
+        let config = AgentConfig::parse("platform_version = \"2.14.1-rc2\"").unwrap();
+        assert_eq!(config.platform_version(), "2.14.1-rc2");
     }
 
     #[test]

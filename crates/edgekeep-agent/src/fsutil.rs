@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
@@ -141,9 +141,51 @@ pub(crate) fn copy_entry(from: &Path, to: &Path, files: FileCopy) -> Result<()> 
             }
         }
     } else {
-        tracing::warn!(path = %from.display(), "skipping special file that a restore cannot keep");
-        Ok(())
+        // A FIFO, socket or device node has no content to copy; a hard link
+        // keeps the same node, so a listening socket stays reachable.
+        fs::hard_link(from, to).at("hard-linking", to)
     }
+}
+
+/// Returns why an archive cannot hold the entry at `path` (relative path
+/// `rel` in the state), or `None` when it can. The archive stores only
+/// regular files, folders and symlinks whose target, resolved from the
+/// link's folder without following other links, stays inside the state.
+pub(crate) fn archive_cannot_hold(path: &Path, rel: &str) -> Result<Option<String>> {
+    let kind = fs::symlink_metadata(path).at("reading", path)?.file_type();
+    if kind.is_symlink() {
+        let target = fs::read_link(path).at("reading symlink", path)?;
+        return Ok(link_leaves_state(rel, target.as_os_str().as_bytes())
+            .then(|| format!("its symlink target {} leaves the state", target.display())));
+    }
+    let reason = if kind.is_fifo() {
+        "it is a FIFO"
+    } else if kind.is_socket() {
+        "it is a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "it is a device node"
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(reason.to_string()))
+}
+
+/// True when a symlink at `rel` pointing to `target` is absolute, empty, or
+/// climbs above the state with `..`.
+fn link_leaves_state(rel: &str, target: &[u8]) -> bool {
+    if target.is_empty() || target[0] == b'/' {
+        return true;
+    }
+    let mut depth = rel.split('/').count() - 1;
+    for component in target.split(|&b| b == b'/') {
+        match component {
+            b"" | b"." => {}
+            b".." if depth == 0 => return true,
+            b".." => depth -= 1,
+            _ => depth += 1,
+        }
+    }
+    false
 }
 
 /// Creates the folders from `root` down to `rel`'s parent inside `to_root`,
@@ -168,4 +210,27 @@ pub(crate) fn create_parents(from_root: &Path, to_root: &Path, rel: &str) -> Res
             .at("setting mode of", &target)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_leaves_state_resolves_lexically() {
+        assert!(!link_leaves_state(
+            "config/current.json",
+            b"connectors.json"
+        ));
+        assert!(!link_leaves_state(
+            "config/current.json",
+            b"../flows/main.flow"
+        ));
+        assert!(!link_leaves_state("a/b/c", b"./../../d"));
+        assert!(link_leaves_state("config", b"../etc"));
+        assert!(link_leaves_state("config/x", b"../../etc"));
+        assert!(link_leaves_state("config/x", b"/etc/passwd"));
+        assert!(link_leaves_state("config/x", b""));
+        assert!(link_leaves_state("a/x", b"b/../../../y"));
+    }
 }

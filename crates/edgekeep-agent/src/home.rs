@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{remove_any, write_atomic};
 
 /// The agent home folder.
 #[derive(Debug, Clone)]
@@ -82,6 +82,30 @@ impl AgentHome {
         self.dir.join(format!("job-{job_id}.dat"))
     }
 
+    /// Deletes the work files that jobs left behind when the agent was killed:
+    /// `job-*.dat` archives, `staging-*` folders, `sqlite-*` snapshot folders
+    /// and the temporary files of atomic writes. `keep` (the staging folder a
+    /// journal refers to) stays. Returns the deleted paths.
+    ///
+    /// Call it only while no job runs, after journal recovery.
+    pub fn remove_leftovers(&self, keep: Option<&Path>) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).at("listing agent home", &self.dir)? {
+            let entry = entry.at("listing agent home", &self.dir)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if !is_work_file(name) || keep == Some(path.as_path()) {
+                continue;
+            }
+            remove_any(&path)?;
+            tracing::info!(path = %path.display(), "removed a work file left by an earlier run");
+            removed.push(path);
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
     /// Reads the stored credential, if any.
     pub fn load_credential(&self) -> Result<Option<Credential>> {
         let path = self.credential_path();
@@ -109,6 +133,13 @@ impl AgentHome {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .at("setting mode of", &path)
     }
+}
+
+/// True for the names of the work files jobs create in the home.
+fn is_work_file(name: &str) -> bool {
+    let job_archive = name.starts_with("job-") && name.ends_with(".dat");
+    let temporary = ["journal.tmp", "credential.tmp"].contains(&name);
+    job_archive || name.starts_with("staging-") || name.starts_with("sqlite-") || temporary
 }
 
 /// Device credential from activation, stored in `credential.json`.
@@ -156,6 +187,40 @@ mod tests {
         std::fs::create_dir(&state).unwrap();
         let err = AgentHome::open(&state.join("agent"), &state).unwrap_err();
         assert!(err.to_string().contains("overlap"), "{err}");
+    }
+
+    #[test]
+    fn remove_leftovers_deletes_only_work_files() {
+        let root = tempfile::tempdir().unwrap();
+        let state = root.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let home = AgentHome::open(&root.path().join("home"), &state).unwrap();
+        std::fs::write(home.archive_path(3), "partial").unwrap();
+        std::fs::create_dir_all(home.staging_path(4).join("config")).unwrap();
+        std::fs::create_dir(home.staging_path(5)).unwrap();
+        std::fs::create_dir(home.dir().join("sqlite-abc123")).unwrap();
+        std::fs::write(home.dir().join("journal.tmp"), "{").unwrap();
+        std::fs::write(home.credential_path(), "{}").unwrap();
+        std::fs::write(home.journal_path(), "{}").unwrap();
+        std::fs::write(home.dir().join("notes.txt"), "operator notes").unwrap();
+
+        let removed = home.remove_leftovers(Some(&home.staging_path(5))).unwrap();
+        let expected = [
+            home.archive_path(3),
+            home.dir().join("journal.tmp"),
+            home.dir().join("sqlite-abc123"),
+            home.staging_path(4),
+        ];
+        assert_eq!(removed, expected);
+        let mut left: Vec<String> = std::fs::read_dir(home.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["credential.json", "journal.json", "notes.txt", "staging-5"]
+        );
     }
 
     #[test]

@@ -27,7 +27,23 @@ pub struct HookContext<'a> {
 /// Runs `hook` as the `phase` hook (`pre_backup`, `post_restore`, ...) in
 /// its own process group. On timeout the whole group is killed. A failure
 /// carries the last lines of its output.
+///
+/// The hook's first process gets SIGKILL when the agent dies, so it never
+/// runs on after a crash. Processes it started itself do not; the restore
+/// records the group in its journal so recovery can kill them.
 pub fn run_hook(phase: &str, hook: &Hook, context: HookContext<'_>) -> Result<()> {
+    run_hook_observed(phase, hook, context, &mut |_| Ok(()))
+}
+
+/// Runs `hook` as [`run_hook`] does, and calls `on_start` with the hook's
+/// process group id once it started. When `on_start` fails, the group is
+/// killed and the hook fails with that error.
+pub(crate) fn run_hook_observed(
+    phase: &str,
+    hook: &Hook,
+    context: HookContext<'_>,
+    on_start: &mut dyn FnMut(libc::pid_t) -> Result<()>,
+) -> Result<()> {
     let started = Instant::now();
     let mut command = Command::new(&hook.command[0]);
     command
@@ -39,6 +55,7 @@ pub fn run_hook(phase: &str, hook: &Hook, context: HookContext<'_>) -> Result<()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    die_with_agent(&mut command);
     match context.job_id {
         Some(job_id) => command.env("EDGEKEEP_JOB_ID", job_id.to_string()),
         None => command.env_remove("EDGEKEEP_JOB_ID"),
@@ -64,9 +81,18 @@ pub fn run_hook(phase: &str, hook: &Hook, context: HookContext<'_>) -> Result<()
             .map(|err| spawn_reader(err, tail.clone())),
     ];
 
+    let pid = child.id() as libc::pid_t;
+    if let Err(err) = on_start(pid) {
+        // SAFETY: kill has no memory effects; the negative pid names the
+        // process group the hook leads.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = child.wait();
+        join_readers(readers);
+        return Err(err);
+    }
+
     // Wait for the exit or the deadline.
     let timeout = Duration::from_secs(hook.timeout_secs);
-    let pid = child.id() as libc::pid_t;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
@@ -111,6 +137,30 @@ pub fn run_hook(phase: &str, hook: &Hook, context: HookContext<'_>) -> Result<()
         Some(status) => Err(Error::Hook(format!(
             "{phase} hook failed with {status}{output}"
         ))),
+    }
+}
+
+/// Makes the kernel send SIGKILL to the hook when the agent dies.
+///
+/// `PR_SET_PDEATHSIG` fires when the thread that started the child exits, and
+/// that thread waits for the hook, so it fires only when the agent dies.
+fn die_with_agent(command: &mut Command) {
+    let agent_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only prctl and getppid, which are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent may have died before the prctl call took effect.
+            if libc::getppid() != agent_pid {
+                return Err(std::io::Error::other(
+                    "the agent exited before the hook started",
+                ));
+            }
+            Ok(())
+        });
     }
 }
 

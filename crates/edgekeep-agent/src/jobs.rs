@@ -8,6 +8,7 @@ use std::time::Duration;
 use edgekeep_api::AgentClient;
 use edgekeep_api::agent::{AgentJob, DeviceFacts, JobResult, ProgressReport};
 use edgekeep_archive::SourceInfo;
+use tokio::sync::watch;
 
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
@@ -29,10 +30,12 @@ pub(crate) struct JobContext {
     pub facts: DeviceFacts,
 }
 
-/// Runs `job` and returns the result to report.
+/// Runs `job` and returns the result to report. The progress reporter has
+/// stopped, with no post in flight, when this returns, so no progress
+/// reaches the server after the result.
 pub(crate) async fn run_job(context: Arc<JobContext>, job: AgentJob) -> JobResult {
     let job_id = job.job_id();
-    let reporter = ProgressReporter::start(context.client.clone(), job_id);
+    let (reporter, reporter_task) = ProgressReporter::start(context.client.clone(), job_id);
     let outcome = match job {
         AgentJob::Backup { upload_url, .. } => {
             tracing::info!(job_id, kind = "backup", "job started");
@@ -42,13 +45,26 @@ pub(crate) async fn run_job(context: Arc<JobContext>, job: AgentJob) -> JobResul
             download_url,
             size,
             checksum,
+            restore_identity,
             ..
         } => {
-            tracing::info!(job_id, kind = "restore", size, "job started");
-            run_restore(&context, job_id, &download_url, size, &checksum, &reporter).await
+            tracing::info!(
+                job_id,
+                kind = "restore",
+                size,
+                restore_identity,
+                "job started"
+            );
+            let job = RestoreJob {
+                download_url,
+                size,
+                checksum,
+                restore_identity,
+            };
+            run_restore(&context, job_id, &job, &reporter).await
         }
     };
-    reporter.stop();
+    reporter_task.stop().await;
     match outcome {
         Ok(result) => result,
         Err(err) => {
@@ -61,6 +77,15 @@ pub(crate) async fn run_job(context: Arc<JobContext>, job: AgentJob) -> JobResul
             }
         }
     }
+}
+
+/// The parameters of a restore job.
+struct RestoreJob {
+    download_url: String,
+    size: u64,
+    checksum: String,
+    /// Whether the server marked the backup as this device's own.
+    restore_identity: bool,
 }
 
 async fn run_backup(
@@ -83,7 +108,7 @@ async fn pack_and_upload(
     out: &std::path::Path,
 ) -> Result<JobResult> {
     // Pack on a blocking thread: 0 to 0.5 of the progress.
-    let summary = {
+    let packed = {
         let context = context.clone();
         let out = out.to_path_buf();
         let reporter = reporter.clone();
@@ -114,7 +139,13 @@ async fn pack_and_upload(
     };
     reporter.check_cancelled()?;
 
-    // Upload: 0.5 to 1.0.
+    // Upload: 0.5 to 1.0. The operator sees the entries left out of the
+    // backup in every later progress message.
+    let upload_message = match packed.skipped_note() {
+        Some(note) => format!("uploading; {note}"),
+        None => "uploading".to_string(),
+    };
+    reporter.set(0.5, upload_message.clone());
     let upload_reporter = reporter.clone();
     let cancelled = reporter.cancelled.clone();
     let uploaded = upload(
@@ -123,12 +154,13 @@ async fn pack_and_upload(
         out,
         cancelled,
         move |sent, total| {
-            upload_reporter.set(0.5 + 0.5 * fraction(sent, total), "uploading");
+            upload_reporter.set(0.5 + 0.5 * fraction(sent, total), upload_message.clone());
         },
     )
     .await;
     reporter.check_cancelled()?;
     uploaded?;
+    let summary = packed.summary;
     tracing::info!(job_id, size = summary.file_size, "backup uploaded");
     Ok(JobResult {
         ok: true,
@@ -141,22 +173,11 @@ async fn pack_and_upload(
 async fn run_restore(
     context: &Arc<JobContext>,
     job_id: i64,
-    download_url: &str,
-    size: u64,
-    checksum: &str,
+    job: &RestoreJob,
     reporter: &ProgressReporter,
 ) -> Result<JobResult> {
     let archive = context.home.archive_path(job_id);
-    let result = download_and_restore(
-        context,
-        job_id,
-        download_url,
-        size,
-        checksum,
-        reporter,
-        &archive,
-    )
-    .await;
+    let result = download_and_restore(context, job_id, job, reporter, &archive).await;
     let _ = remove_any(&archive);
     result
 }
@@ -164,19 +185,17 @@ async fn run_restore(
 async fn download_and_restore(
     context: &Arc<JobContext>,
     job_id: i64,
-    download_url: &str,
-    size: u64,
-    checksum: &str,
+    job: &RestoreJob,
     reporter: &ProgressReporter,
     archive: &std::path::Path,
 ) -> Result<JobResult> {
     // Download: 0 to 0.5 of the progress.
     download(
         &context.http,
-        download_url,
+        &job.download_url,
         archive,
-        size,
-        checksum,
+        job.size,
+        &job.checksum,
         &reporter.cancelled,
         |received, total| {
             reporter.set(0.5 * fraction(received, total), "downloading");
@@ -189,12 +208,14 @@ async fn download_and_restore(
     let context = context.clone();
     let archive = archive.to_path_buf();
     let reporter = reporter.clone();
+    let restore_identity = job.restore_identity;
     tokio::task::spawn_blocking(move || {
         let target = RestoreTarget {
             config: &context.config,
             state_dir: &context.state_dir,
             home: &context.home,
             device_uid: &context.device_uid,
+            restore_identity,
             arch: &context.facts.arch,
             platform_version: &context.facts.platform_version,
         };
@@ -222,33 +243,53 @@ fn fraction(done: u64, total: u64) -> f64 {
 /// Maximum time between progress reports while a step reports no progress.
 const CANCEL_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Maximum time one progress post may take before it counts as failed.
+/// A post that times out is dropped, and the server may still record it.
+const PROGRESS_POST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Maximum time of the last post after the job ended, which delays the result.
+const FINAL_POST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Posts the latest progress at most once a second and raises `cancelled`
 /// when the server replies that an operator cancelled the job.
 #[derive(Clone)]
 pub(crate) struct ProgressReporter {
-    latest: Arc<Mutex<Option<(f64, &'static str)>>>,
+    latest: Arc<Mutex<Option<(f64, String)>>>,
     cancelled: Arc<AtomicBool>,
-    stopped: Arc<AtomicBool>,
+}
+
+/// The task that posts progress; [`ReporterTask::stop`] ends it.
+pub(crate) struct ReporterTask {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReporterTask {
+    /// Stops the reporter after it posted the newest progress, and waits
+    /// until that post has its reply, so a result sent after this is the
+    /// job's last message.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(err) = self.task.await {
+            tracing::warn!(error = %err, "the progress task ended abnormally");
+        }
+    }
 }
 
 impl ProgressReporter {
-    fn start(client: AgentClient, job_id: i64) -> Self {
+    fn start(client: AgentClient, job_id: i64) -> (Self, ReporterTask) {
         let reporter = ProgressReporter {
-            latest: Arc::new(Mutex::new(Some((0.0, "started")))),
+            latest: Arc::new(Mutex::new(Some((0.0, "started".to_string())))),
             cancelled: Arc::new(AtomicBool::new(false)),
-            stopped: Arc::new(AtomicBool::new(false)),
         };
-        let task = reporter.clone();
-        tokio::spawn(async move { task.post_loop(client, job_id).await });
-        reporter
+        let (stop, stopped) = watch::channel(false);
+        let poster = reporter.clone();
+        let task = tokio::spawn(async move { poster.post_loop(client, job_id, stopped).await });
+        (reporter, ReporterTask { stop, task })
     }
 
-    fn set(&self, progress: f64, message: &'static str) {
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((progress, message));
-    }
-
-    fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
+    fn set(&self, progress: f64, message: impl Into<String>) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((progress, message.into()));
     }
 
     fn check_cancelled(&self) -> Result<()> {
@@ -258,43 +299,68 @@ impl ProgressReporter {
         Ok(())
     }
 
-    async fn post_loop(self, client: AgentClient, job_id: i64) {
+    async fn post_loop(self, client: AgentClient, job_id: i64, mut stopped: watch::Receiver<bool>) {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
-        let mut last = (0.0, "started");
+        let mut last = (0.0, "started".to_string());
         let mut last_sent: Option<tokio::time::Instant> = None;
-        while !self.stopped.load(Ordering::SeqCst) {
-            interval.tick().await;
+        loop {
+            // Only the wait is cut short by a stop; a post runs to its reply.
+            let stopping = tokio::select! {
+                biased;
+                _ = stopped.wait_for(|stop| *stop) => true,
+                _ = interval.tick() => false,
+            };
 
             // Send new progress, or repeat the last one every few seconds so a
-            // long step without progress still learns of a cancellation.
+            // long step without progress still learns of a cancellation. A
+            // stop sends the newest progress once more, so a job shorter than
+            // a second still leaves its last message.
             let update = self.latest.lock().unwrap_or_else(|e| e.into_inner()).take();
             let repeat_due = last_sent.is_none_or(|sent| sent.elapsed() >= CANCEL_CHECK_INTERVAL);
             let (progress, message) = match update {
                 Some(update) => update,
-                None if repeat_due => last,
+                None if stopping => return,
+                None if repeat_due => last.clone(),
                 None => continue,
             };
-            last = (progress, message);
+            last = (progress, message.clone());
             last_sent = Some(tokio::time::Instant::now());
-            let report = ProgressReport {
-                progress,
-                message: message.to_string(),
+            let report = ProgressReport { progress, message };
+            let timeout = if stopping {
+                FINAL_POST_TIMEOUT
+            } else {
+                PROGRESS_POST_TIMEOUT
             };
-            match client.report_progress(job_id, &report).await {
-                Ok(reply) if reply.cancelled => {
+            let posted =
+                tokio::time::timeout(timeout, client.report_progress(job_id, &report)).await;
+            match posted {
+                Ok(Ok(reply)) if reply.cancelled => {
                     tracing::info!(job_id, "the job was cancelled; stopping it");
                     self.cancelled.store(true, Ordering::SeqCst);
                 }
-                Ok(_) => failures = 0,
-                Err(err) => {
+                Ok(Ok(_)) => failures = 0,
+                Ok(Err(err)) => {
                     // Progress is advisory; count failures and log the first.
                     failures += 1;
                     if failures == 1 {
                         tracing::warn!(job_id, error = %err, "reporting progress failed");
                     }
                 }
+                Err(_) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(
+                            job_id,
+                            timeout_secs = timeout.as_secs(),
+                            "reporting progress timed out"
+                        );
+                    }
+                }
+            }
+            if stopping {
+                return;
             }
         }
     }

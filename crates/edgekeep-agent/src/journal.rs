@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::fsutil::{exchange, inode, remove_any, write_atomic};
 use crate::home::AgentHome;
+use crate::process::HookProcess;
 
 /// Version of the journal file layout.
 const JOURNAL_VERSION: u32 = 1;
@@ -48,6 +49,9 @@ pub struct Journal {
     pub staging_inode: u64,
     /// Reason the restore was rolled back.
     pub reason: Option<String>,
+    /// The `post_restore` hook's process group while the hook runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookProcess>,
 }
 
 impl Journal {
@@ -60,6 +64,7 @@ impl Journal {
             staging: staging.to_path_buf(),
             staging_inode,
             reason: None,
+            hook: None,
         }
     }
 
@@ -134,8 +139,9 @@ pub(crate) fn swap_back_if_swapped(journal: &Journal) -> Result<()> {
 
 /// Settles an interrupted restore before the agent polls for jobs.
 ///
-/// `swapping` and `swapped` put the old state back when the swap happened;
-/// every phase then deletes the staging or rollback folder. The journal is
+/// A `post_restore` hook the journal records is killed with its process
+/// group first. `swapping` and `swapped` then put the old state back when the
+/// swap happened; every phase then deletes the staging or rollback folder. The journal is
 /// left in phase `committed` or `rolled_back` and returned, so the caller
 /// reports its [`Journal::result`] and then calls [`remove_journal`]. Running
 /// this again on its own output changes nothing.
@@ -154,6 +160,12 @@ pub fn recover(home: &AgentHome, state_dir: &Path) -> Result<Option<Journal>> {
         )));
     }
     tracing::warn!(job_id = journal.job_id, phase = ?journal.phase, "found an unfinished restore");
+
+    // A hook that outlived the previous agent must not run on the state
+    // after it is swapped back.
+    if let Some(hook) = journal.hook.take() {
+        hook.kill_group();
+    }
     match journal.phase {
         JournalPhase::Swapping | JournalPhase::Swapped => {
             swap_back_if_swapped(&journal)?;

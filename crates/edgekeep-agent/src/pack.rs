@@ -10,6 +10,61 @@ use crate::hooks::{HookContext, run_hook};
 use crate::selection::{Class, Selection};
 use crate::snapshot::snapshot_database;
 
+/// Skipped entries named in the log; the rest are only counted.
+const LOGGED_SKIPS: usize = 20;
+
+/// Skipped entries named in a progress message.
+const MESSAGE_SKIPS: usize = 5;
+
+/// The outcome of packing the state.
+#[derive(Debug, Clone)]
+pub struct PackedState {
+    pub summary: PackSummary,
+    /// Entries the archive cannot hold, left out of the backup. A restore
+    /// keeps this device's current copies of them.
+    pub skipped: Vec<SkippedEntry>,
+}
+
+/// An entry of the state that the backup left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    /// Path relative to the state folder.
+    pub path: String,
+    pub reason: String,
+}
+
+impl PackedState {
+    /// Builds a one-line note on the skipped entries for the job's progress
+    /// message, naming the first few; `None` when nothing was skipped.
+    pub fn skipped_note(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        let names: Vec<&str> = self
+            .skipped
+            .iter()
+            .take(MESSAGE_SKIPS)
+            .map(|entry| entry.path.as_str())
+            .collect();
+        let more = self.skipped.len().saturating_sub(MESSAGE_SKIPS);
+        let tail = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        let noun = if self.skipped.len() == 1 {
+            "entry"
+        } else {
+            "entries"
+        };
+        Some(format!(
+            "left out {} {noun} the archive cannot hold (kept on restore): {}{tail}",
+            self.skipped.len(),
+            names.join(", ")
+        ))
+    }
+}
+
 /// Packs the state folder into `out`, as [`pack_state_for_job`] does outside
 /// a job and without progress.
 pub fn pack_state(
@@ -18,7 +73,7 @@ pub fn pack_state(
     source: &SourceInfo,
     work_dir: &Path,
     out: &Path,
-) -> Result<PackSummary> {
+) -> Result<PackedState> {
     pack_state_for_job(config, state_dir, source, work_dir, out, None, &mut |_| {})
 }
 
@@ -36,7 +91,7 @@ pub fn pack_state_for_job(
     out: &Path,
     job_id: Option<i64>,
     progress: &mut dyn FnMut(Progress),
-) -> Result<PackSummary> {
+) -> Result<PackedState> {
     let context = HookContext { job_id, state_dir };
     if let Some(hook) = &config.hooks.pre_backup {
         run_hook("pre_backup", hook, context)?;
@@ -47,7 +102,7 @@ pub fn pack_state_for_job(
         None => Ok(()),
     };
     match (packed, post) {
-        (Ok(summary), Ok(())) => Ok(summary),
+        (Ok(packed), Ok(())) => Ok(packed),
         (Err(pack_err), Ok(())) => Err(pack_err),
         (Ok(_), Err(hook_err)) => Err(hook_err),
         (Err(pack_err), Err(hook_err)) => Err(Error::Hook(format!(
@@ -63,7 +118,7 @@ fn pack_without_hooks(
     work_dir: &Path,
     out: &Path,
     progress: &mut dyn FnMut(Progress),
-) -> Result<PackSummary> {
+) -> Result<PackedState> {
     let selection = Selection::new(config)?;
     check_includes_exist(&selection, state_dir)?;
 
@@ -85,12 +140,15 @@ fn pack_without_hooks(
         !matches!(selection.classify(&path), Class::Backed | Class::Ancestor)
     };
     let tree = edgekeep_archive::collect_tree(state_dir, &exclude)?;
-    if !tree.skipped.is_empty() {
-        tracing::warn!(
-            count = tree.skipped.len(),
-            "skipped entries the archive cannot hold"
-        );
-    }
+    let skipped: Vec<SkippedEntry> = tree
+        .skipped
+        .into_iter()
+        .map(|(path, reason)| SkippedEntry {
+            path: String::from_utf8_lossy(path.as_bytes()).into_owned(),
+            reason,
+        })
+        .collect();
+    log_skipped(&skipped);
     let mut items = tree.items;
 
     // Snapshot each database and pack the copy under the database's path.
@@ -117,9 +175,24 @@ fn pack_without_hooks(
     tracing::info!(
         entries = summary.entry_count,
         file_size = summary.file_size,
+        skipped = skipped.len(),
         "packed the state"
     );
-    Ok(summary)
+    Ok(PackedState { summary, skipped })
+}
+
+/// Logs the first skipped entries by name at warn, then the count of the
+/// others.
+fn log_skipped(skipped: &[SkippedEntry]) {
+    for entry in skipped.iter().take(LOGGED_SKIPS) {
+        tracing::warn!(path = %entry.path, reason = %entry.reason, "left an entry the archive cannot hold out of the backup");
+    }
+    if skipped.len() > LOGGED_SKIPS {
+        tracing::warn!(
+            count = skipped.len() - LOGGED_SKIPS,
+            "left more entries the archive cannot hold out of the backup"
+        );
+    }
 }
 
 fn check_includes_exist(selection: &Selection, state_dir: &Path) -> Result<()> {

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use edgekeep_archive::{ArchivePath, FORMAT_VERSION, Manifest, Progress};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Hook};
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::archive_cannot_hold;
 use crate::fsutil::{FileCopy, copy_entry, create_parents, exchange, inode, remove_any};
 use crate::home::AgentHome;
-use crate::hooks::{HookContext, run_hook};
+use crate::hooks::{HookContext, run_hook, run_hook_observed};
 use crate::journal::{Journal, JournalPhase, swap_back_if_swapped};
+use crate::process::HookProcess;
 use crate::selection::{Class, SQLITE_SIDE_FILES, Selection, is_within};
 use crate::version::compare_versions;
 
@@ -24,6 +26,11 @@ pub struct RestoreTarget<'a> {
     pub state_dir: &'a Path,
     pub home: &'a AgentHome,
     pub device_uid: &'a str,
+    /// True when the server marked the backup as this device's own. The
+    /// backup's identity paths are restored only when this is true and the
+    /// archive's source device uid is `device_uid`, because a crafted archive
+    /// can carry any uid.
+    pub restore_identity: bool,
     pub arch: &'a str,
     pub platform_version: &'a str,
 }
@@ -78,7 +85,7 @@ pub fn restore_archive(
     progress(0.95);
     let post = match &target.config.hooks.post_restore {
         _ if cancelled.load(Ordering::SeqCst) => Err(Error::Cancelled),
-        Some(hook) => run_hook("post_restore", hook, hook_context),
+        Some(hook) => run_journaled_hook(target, hook, hook_context, &mut journal),
         None => Ok(()),
     };
     match post {
@@ -161,8 +168,8 @@ fn stage(
 
     // Keep what the backup does not cover, then the identity and databases.
     keep_current_entries(&selection, target.state_dir, staging, "")?;
-    let other_device = manifest.source.device_uid != target.device_uid;
-    if other_device {
+    let keeps_identity = !restores_identity(target, manifest);
+    if keeps_identity {
         keep_identity(target, staging)?;
     }
     for database in selection.databases() {
@@ -181,7 +188,7 @@ fn stage(
 
     // Every manifest entry must be in place, except replaced identity paths.
     let mut expected = manifest.clone();
-    if other_device {
+    if keeps_identity {
         expected
             .entries
             .retain(|entry| !is_identity(&target.config.identity, &entry.path));
@@ -190,14 +197,32 @@ fn stage(
     check_cancelled(cancelled)
 }
 
+/// Decides whether the backup's identity paths replace this device's: only
+/// for a backup the server marked as this device's own whose archive also
+/// names this device as its source.
+fn restores_identity(target: RestoreTarget<'_>, manifest: &Manifest) -> bool {
+    let same_uid = manifest.source.device_uid == target.device_uid;
+    if same_uid && !target.restore_identity {
+        tracing::warn!(
+            device_uid = target.device_uid,
+            "the archive names this device as its source, but the server did not mark the \
+             backup as this device's own; keeping the current identity paths"
+        );
+    }
+    same_uid && target.restore_identity
+}
+
 fn is_identity(identity: &[String], path: &ArchivePath) -> bool {
     let path = String::from_utf8_lossy(path.as_bytes());
     identity.iter().any(|id| is_within(&path, id))
 }
 
 /// Brings the entries of the current state that the backup does not cover
-/// into `staging`: hard links for regular files, new folders and symlinks.
-/// Where the backup contains the same path, the backup's entry stays.
+/// into `staging`: hard links for regular files and special files, new
+/// folders and symlinks. The backup does not cover excluded and unlisted
+/// paths, nor the entries it cannot hold (FIFOs, sockets, device nodes and
+/// symlinks that leave the state), which a backup always skips. Where the
+/// backup contains the same path, the backup's entry stays.
 ///
 /// NOTE: a hard-linked file shares its inode with the rollback copy, so a
 /// `post_restore` hook that rewrites such a file in place, rather than by
@@ -223,19 +248,28 @@ fn keep_current_entries(
             Class::Backed | Class::Ancestor if is_dir => {
                 keep_current_entries(selection, state_dir, staging, &rel)?;
             }
-            Class::Backed | Class::Ancestor => {}
-            Class::Kept => {
-                let to = staging.join(&rel);
-                if std::fs::symlink_metadata(&to).is_ok() {
-                    tracing::debug!(path = %rel, "the backup contains an excluded path; keeping the backup's entry");
-                    continue;
+            Class::Backed | Class::Ancestor => {
+                if let Some(reason) = archive_cannot_hold(&entry.path(), &rel)? {
+                    tracing::debug!(path = %rel, reason = %reason, "keeping an entry no backup can hold");
+                    carry_over(state_dir, staging, &rel)?;
                 }
-                create_parents(state_dir, staging, &rel)?;
-                copy_entry(&entry.path(), &to, FileCopy::HardLink)?;
             }
+            Class::Kept => carry_over(state_dir, staging, &rel)?,
         }
     }
     Ok(())
+}
+
+/// Links or recreates the current state's `rel` in `staging`, unless the
+/// backup already put an entry there.
+fn carry_over(state_dir: &Path, staging: &Path, rel: &str) -> Result<()> {
+    let to = staging.join(rel);
+    if std::fs::symlink_metadata(&to).is_ok() {
+        tracing::debug!(path = %rel, "the backup contains a kept path; keeping the backup's entry");
+        return Ok(());
+    }
+    create_parents(state_dir, staging, rel)?;
+    copy_entry(&state_dir.join(rel), &to, FileCopy::HardLink)
 }
 
 /// Replaces the backup's identity paths in `staging` with copies of this
@@ -272,6 +306,23 @@ fn swap_in(target: RestoreTarget<'_>, job_id: i64, staging: &Path) -> Result<Jou
     journal.advance(target.home, JournalPhase::Swapped)?;
     tracing::info!(job_id, "swapped the new state in");
     Ok(journal)
+}
+
+/// Runs `post_restore` with its process group recorded in the journal, so
+/// recovery after a crash kills a hook that outlived the agent before it
+/// swaps the old state back.
+fn run_journaled_hook(
+    target: RestoreTarget<'_>,
+    hook: &Hook,
+    context: HookContext<'_>,
+    journal: &mut Journal,
+) -> Result<()> {
+    let result = run_hook_observed("post_restore", hook, context, &mut |pgid| {
+        journal.hook = Some(HookProcess::of(pgid)?);
+        journal.write(target.home)
+    });
+    journal.hook = None;
+    result
 }
 
 /// Puts the old state back after a swap and records why.

@@ -81,11 +81,17 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     // Settle any restore that a stop interrupted before anything else, so
     // the state is whole even when activation fails.
+    // Then delete the work files of jobs that a kill cut short.
     let recovered = {
         let (home, state_dir) = (home.clone(), state_dir.clone());
-        tokio::task::spawn_blocking(move || recover(&home, &state_dir))
-            .await
-            .expect("the recovery task does not panic")?
+        tokio::task::spawn_blocking(move || {
+            let recovered = recover(&home, &state_dir)?;
+            let keep = recovered.as_ref().map(|journal| journal.staging.as_path());
+            home.remove_leftovers(keep)?;
+            Ok::<_, Error>(recovered)
+        })
+        .await
+        .expect("the recovery task does not panic")?
     };
 
     // Activate once, then report the settled restore.
@@ -216,12 +222,12 @@ fn watch_shutdown_signals() -> Result<watch::Receiver<bool>> {
 /// Exponential backoff from 1 s to 30 s, each delay shortened by up to 25 %
 /// at random.
 #[derive(Debug, Default)]
-struct Backoff {
+pub(crate) struct Backoff {
     attempt: u32,
 }
 
 impl Backoff {
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = BACKOFF_START
             .saturating_mul(1 << self.attempt.min(5))
             .min(BACKOFF_MAX);

@@ -19,6 +19,12 @@ pub fn compare_versions(a: &str, b: &str) -> Result<Ordering, String> {
     Ok(Ordering::Equal)
 }
 
+/// Checks that `version` is a dotted numeric version, as [`compare_versions`]
+/// needs.
+pub(crate) fn check_version(version: &str) -> Result<(), String> {
+    parse_version(version).map(|_| ())
+}
+
 fn parse_version(version: &str) -> Result<Vec<u64>, String> {
     let core = version.split(['-', '+']).next().unwrap_or_default().trim();
     core.split('.')

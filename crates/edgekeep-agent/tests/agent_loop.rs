@@ -37,6 +37,25 @@ struct Stub {
     cancel_jobs: bool,
     /// Delay before a storage download is served.
     download_delay: Duration,
+    /// Failures served to the next storage requests, one each.
+    storage_failures: VecDeque<StorageFailure>,
+    /// Storage requests received, failed ones included.
+    storage_requests: u32,
+    /// Delay before a progress report is recorded and its reply sent.
+    progress_delay: Duration,
+    /// Messages of the progress reports.
+    progress_messages: Vec<String>,
+    /// "progress JOB" and "result JOB" in the order they were recorded.
+    events: Vec<String>,
+}
+
+/// How the stub fails a storage request.
+#[derive(Debug, Clone, Copy)]
+enum StorageFailure {
+    /// Respond with this HTTP status.
+    Status(u16),
+    /// Close the connection without a response.
+    Drop,
 }
 
 struct Request {
@@ -105,8 +124,30 @@ async fn serve(mut stream: TcpStream, stub: Arc<Mutex<Stub>>) {
     let Some(request) = read_request(&mut stream).await else {
         return;
     };
+    if request.path.starts_with("/store/") {
+        let failure = {
+            let mut stub = stub.lock().unwrap();
+            stub.storage_requests += 1;
+            stub.storage_failures.pop_front()
+        };
+        match failure {
+            Some(StorageFailure::Drop) => return,
+            Some(StorageFailure::Status(status)) => {
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                return;
+            }
+            None => {}
+        }
+    }
     if request.method == "GET" && request.path.starts_with("/store/") {
         let delay = stub.lock().unwrap().download_delay;
+        tokio::time::sleep(delay).await;
+    }
+    if request.path.ends_with("/progress") {
+        let delay = stub.lock().unwrap().progress_delay;
         tokio::time::sleep(delay).await;
     }
     if request.path.starts_with("/agent/v1/jobs/next") {
@@ -180,11 +221,15 @@ fn route(request: &Request, stub: &mut Stub) -> (u16, Vec<u8>) {
             let report: Value = serde_json::from_slice(&request.body).unwrap();
             let progress = report["progress"].as_f64().unwrap();
             stub.progress.push((id.parse().unwrap(), progress));
+            let message = report["message"].as_str().unwrap().to_string();
+            stub.progress_messages.push(message);
+            stub.events.push(format!("progress {id}"));
             envelope(json!({"cancelled": stub.cancel_jobs}))
         }
         ["agent", "v1", "jobs", id, "result"] => {
             let result: JobResult = serde_json::from_slice(&request.body).unwrap();
             stub.results.push((id.parse().unwrap(), result));
+            stub.events.push(format!("result {id}"));
             envelope(Value::Null)
         }
         _ => (
@@ -242,6 +287,7 @@ async fn agent_activates_backs_up_and_restores() {
             download_url: format!("{server_url}/store/backups/a.dat?X-Amz-Signature=def"),
             size: archive.len() as u64,
             checksum: checksum.clone(),
+            restore_identity: false,
         });
         stub.expected_results = 2;
     }
@@ -406,6 +452,7 @@ async fn cancelled_restore_leaves_state_unchanged() {
             download_url: format!("{server_url}/store/backups/a.dat"),
             size: archive.len() as u64,
             checksum: hex::encode(Sha256::digest(&archive)),
+            restore_identity: false,
         });
     }
     let config = format!("platform_version = \"2.14.0\"\n{IDENTITY_CONFIG}");
@@ -419,4 +466,163 @@ async fn cancelled_restore_leaves_state_unchanged() {
     assert_eq!(result.reason.as_deref(), Some("the job was cancelled"));
     assert_eq!(snapshot_tree(&target.state), before);
     assert_eq!(target.home_leftovers(), ["credential.json"]);
+}
+
+/// Runs one backup job 41 against `stub` and returns its result.
+async fn run_backup_job(stub: &Arc<Mutex<Stub>>, device: &Device) -> JobResult {
+    let server_url = start_stub(stub.clone()).await;
+    {
+        let mut stub = stub.lock().unwrap();
+        stub.jobs.push_back(AgentJob::Backup {
+            job_id: 41,
+            upload_url: format!("{server_url}/store/jobs/41.dat?X-Amz-Signature=abc"),
+        });
+        stub.expected_results = 1;
+    }
+    let options = options(&server_url, device, IDENTITY_CONFIG, Some("code-6"));
+    let message = run_until_revoked(options).await;
+    assert!(message.contains("revoked"), "{message}");
+    let stub = stub.lock().unwrap();
+    assert_eq!(stub.results.len(), 1);
+    assert_eq!(stub.results[0].0, 41);
+    stub.results[0].1.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_retries_after_storage_outage() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let stub = Arc::new(Mutex::new(Stub {
+        storage_failures: [StorageFailure::Status(503), StorageFailure::Drop].into(),
+        ..Stub::default()
+    }));
+    let result = run_backup_job(&stub, &device).await;
+    assert!(result.ok, "{:?}", result.reason);
+
+    // The third PUT carried the whole file from its start.
+    let stub = stub.lock().unwrap();
+    assert_eq!(stub.storage_requests, 3);
+    let uploaded = &stub.objects["jobs/41.dat"];
+    assert_eq!(result.size, Some(uploaded.len() as u64));
+    assert_eq!(result.checksum, Some(hex::encode(Sha256::digest(uploaded))));
+    let uploaded_path = device.root.path().join("uploaded.dat");
+    std::fs::write(&uploaded_path, uploaded).unwrap();
+    edgekeep_archive::verify(&uploaded_path, &mut |_| {}).unwrap();
+    assert_eq!(device.home_leftovers(), ["credential.json"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_rejection_is_not_retried() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let stub = Arc::new(Mutex::new(Stub {
+        storage_failures: [StorageFailure::Status(403)].into(),
+        ..Stub::default()
+    }));
+    let result = run_backup_job(&stub, &device).await;
+    assert!(!result.ok);
+    let reason = result.reason.unwrap();
+    assert!(reason.contains("403"), "{reason}");
+    assert!(!reason.contains("X-Amz-Signature"), "{reason}");
+    assert_eq!(stub.lock().unwrap().storage_requests, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_retries_after_storage_outage() {
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = std::fs::read(source.pack("a.dat")).unwrap();
+    let target = Device::new("uid-b", IDENTITY_CONFIG);
+    target.populate("b");
+
+    let stub = Arc::new(Mutex::new(Stub {
+        storage_failures: [StorageFailure::Drop, StorageFailure::Status(502)].into(),
+        expected_results: 1,
+        ..Stub::default()
+    }));
+    let server_url = start_stub(stub.clone()).await;
+    {
+        let mut stub = stub.lock().unwrap();
+        stub.objects.insert("backups/a.dat".into(), archive.clone());
+        stub.jobs.push_back(AgentJob::Restore {
+            job_id: 42,
+            download_url: format!("{server_url}/store/backups/a.dat"),
+            size: archive.len() as u64,
+            checksum: hex::encode(Sha256::digest(&archive)),
+            restore_identity: false,
+        });
+    }
+    let config = format!("platform_version = \"2.14.0\"\n{IDENTITY_CONFIG}");
+    let message = run_until_revoked(options(&server_url, &target, &config, Some("code-7"))).await;
+    assert!(message.contains("revoked"), "{message}");
+
+    let stub = stub.lock().unwrap();
+    let (job_id, result) = &stub.results[0];
+    assert_eq!(*job_id, 42);
+    assert!(result.ok, "{:?}", result.reason);
+    assert_eq!(stub.storage_requests, 3);
+    assert_eq!(read(&target.state, "flows/main.flow"), "flow of a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_stops_before_result() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    // A slow progress reply keeps a post in flight when the short job ends.
+    let stub = Arc::new(Mutex::new(Stub {
+        progress_delay: Duration::from_millis(400),
+        ..Stub::default()
+    }));
+    let result = run_backup_job(&stub, &device).await;
+    assert!(result.ok, "{:?}", result.reason);
+
+    let stub = stub.lock().unwrap();
+    assert!(
+        stub.events.contains(&"progress 41".to_string()),
+        "{:?}",
+        stub.events
+    );
+    assert_eq!(
+        stub.events.last().map(String::as_str),
+        Some("result 41"),
+        "{:?}",
+        stub.events
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_progress_names_skipped_entries() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    std::os::unix::fs::symlink("/etc/hostname", device.state.join("config/host-link")).unwrap();
+    let stub = Arc::new(Mutex::new(Stub::default()));
+    let result = run_backup_job(&stub, &device).await;
+    assert!(result.ok, "{:?}", result.reason);
+
+    let stub = stub.lock().unwrap();
+    let last = stub.progress_messages.last().unwrap();
+    assert!(last.contains("left out 1 entry"), "{last}");
+    assert!(last.contains("config/host-link"), "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_start_removes_leftover_work_files() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    std::fs::write(device.home.archive_path(61), vec![0u8; 4096]).unwrap();
+    common::write(
+        &device.home.staging_path(62),
+        "config/connectors.json",
+        "{}",
+    );
+    std::fs::create_dir(device.home.dir().join("sqlite-Xy12ab")).unwrap();
+    let before = snapshot_tree(&device.state);
+
+    let stub = Arc::new(Mutex::new(Stub::default()));
+    let server_url = start_stub(stub.clone()).await;
+    let options = options(&server_url, &device, IDENTITY_CONFIG, Some("code-8"));
+    let message = run_until_revoked(options).await;
+    assert!(message.contains("revoked"), "{message}");
+    assert_eq!(device.home_leftovers(), ["credential.json"]);
+    assert_eq!(snapshot_tree(&device.state), before);
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::sync::atomic::AtomicBool;
 
 use common::{Device, IDENTITY_CONFIG, Node, read, snapshot_tree, write};
@@ -210,4 +211,146 @@ fn missing_include_path_is_named() {
     .to_string();
     assert!(err.contains("flows"), "{err}");
     assert!(!out.exists());
+}
+
+#[test]
+fn forged_source_uid_keeps_identity() {
+    // Another device packs its state but claims the target's uid.
+    let attacker = Device::new("uid-b", IDENTITY_CONFIG);
+    attacker.populate("attacker");
+    let archive = attacker.pack("forged.dat");
+
+    let target = Device::new("uid-b", IDENTITY_CONFIG);
+    target.populate("b");
+    let before = snapshot_tree(&target.state);
+    let mut target_info = target.target();
+    target_info.restore_identity = false;
+    let cancelled = AtomicBool::new(false);
+    restore_archive(target_info, 14, &archive, &cancelled, &mut |_| {}).unwrap();
+
+    let after = snapshot_tree(&target.state);
+    for id in ["identity/device.crt", "identity/hostname"] {
+        assert_eq!(after[id], before[id], "{id}");
+    }
+    assert_eq!(read(&target.state, "flows/main.flow"), "flow of attacker");
+}
+
+#[test]
+fn own_backup_without_server_mark_keeps_identity() {
+    let device = Device::new("uid-a", IDENTITY_CONFIG);
+    device.populate("a");
+    let archive = device.pack("a.dat");
+    write(&device.state, "identity/device.crt", "CERT reissued");
+
+    let mut target_info = device.target();
+    target_info.restore_identity = false;
+    let cancelled = AtomicBool::new(false);
+    restore_archive(target_info, 15, &archive, &cancelled, &mut |_| {}).unwrap();
+    assert_eq!(read(&device.state, "identity/device.crt"), "CERT reissued");
+    assert_eq!(read(&device.state, "identity/hostname"), "gw-a");
+}
+
+/// Adds a FIFO, a socket and a symlink leaving the state below `config`.
+/// Returns the socket's listener, which must stay open while it is checked.
+fn add_unarchivable_entries(device: &Device) -> std::os::unix::net::UnixListener {
+    let fifo = std::ffi::CString::new(
+        device
+            .state
+            .join("config/control.fifo")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: the path is a valid NUL-terminated string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    std::os::unix::fs::symlink("/etc/hostname", device.state.join("config/host-link")).unwrap();
+    std::os::unix::net::UnixListener::bind(device.state.join("config/gateway.sock")).unwrap()
+}
+
+#[test]
+fn restore_keeps_entries_backup_skips() {
+    let device = Device::new("uid-a", IDENTITY_CONFIG);
+    device.populate("a");
+    let _listener = add_unarchivable_entries(&device);
+    let out = device.root.path().join("a.dat");
+    let packed = edgekeep_agent::pack_state(
+        &device.config,
+        &device.state,
+        &device.source(),
+        device.home.dir(),
+        &out,
+    )
+    .unwrap();
+    let mut skipped: Vec<&str> = packed.skipped.iter().map(|s| s.path.as_str()).collect();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            "config/control.fifo",
+            "config/gateway.sock",
+            "config/host-link"
+        ]
+    );
+    let note = packed.skipped_note().unwrap();
+    assert!(note.contains("3 entries"), "{note}");
+    assert!(note.contains("config/host-link"), "{note}");
+
+    let fifo_inode = std::fs::symlink_metadata(device.state.join("config/control.fifo"))
+        .unwrap()
+        .ino();
+    restore(&device, 16, &out).unwrap();
+
+    let fifo = std::fs::symlink_metadata(device.state.join("config/control.fifo")).unwrap();
+    assert!(fifo.file_type().is_fifo());
+    assert_eq!(fifo.ino(), fifo_inode);
+    let socket = std::fs::symlink_metadata(device.state.join("config/gateway.sock")).unwrap();
+    assert!(socket.file_type().is_socket());
+    assert_eq!(
+        std::fs::read_link(device.state.join("config/host-link")).unwrap(),
+        std::path::Path::new("/etc/hostname")
+    );
+    // The socket still reaches the listener after the swap.
+    std::os::unix::net::UnixStream::connect(device.state.join("config/gateway.sock")).unwrap();
+    assert_eq!(read(&device.state, "flows/main.flow"), "flow of a");
+}
+
+#[test]
+fn include_symlink_leaving_state_is_skipped_and_kept() {
+    let config = r#"include = ["config", "flows"]"#;
+    let device = Device::new("uid-a", config);
+    device.populate("a");
+    let outside = device.root.path().join("outside-flows");
+    std::fs::create_dir(&outside).unwrap();
+    write(&outside, "main.flow", "flow kept outside");
+    std::fs::remove_dir_all(device.state.join("flows")).unwrap();
+    std::os::unix::fs::symlink(&outside, device.state.join("flows")).unwrap();
+
+    let out = device.root.path().join("a.dat");
+    let packed = edgekeep_agent::pack_state(
+        &device.config,
+        &device.state,
+        &device.source(),
+        device.home.dir(),
+        &out,
+    )
+    .unwrap();
+    assert_eq!(packed.skipped.len(), 1);
+    assert_eq!(packed.skipped[0].path, "flows");
+    assert!(
+        packed.skipped[0].reason.contains("absolute"),
+        "{}",
+        packed.skipped[0].reason
+    );
+
+    write(&device.state, "config/connectors.json", "changed later");
+    restore(&device, 17, &out).unwrap();
+    assert_eq!(
+        std::fs::read_link(device.state.join("flows")).unwrap(),
+        outside
+    );
+    assert_eq!(read(&device.state, "flows/main.flow"), "flow kept outside");
+    assert_eq!(
+        read(&device.state, "config/connectors.json"),
+        "{\"line\": \"a\"}"
+    );
 }

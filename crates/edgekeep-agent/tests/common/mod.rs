@@ -137,6 +137,7 @@ impl Device {
             state_dir: &self.state,
             home: &self.home,
             device_uid: &self.uid,
+            restore_identity: true,
             arch: std::env::consts::ARCH,
             platform_version: "2.14.0",
         }
