@@ -66,6 +66,12 @@ pub enum AgentJob {
         /// Size and SHA-256 of the file as the server verified it.
         size: u64,
         checksum: String,
+        /// True only when this device itself made the backup through its own
+        /// backup job, so the identity paths in it are this device's. The
+        /// device uid inside an archive can be forged, so on false the agent
+        /// keeps its current identity paths whatever the archive says.
+        #[serde(default)]
+        restore_identity: bool,
     },
 }
 

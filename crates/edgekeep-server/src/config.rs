@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+/// Default of `--max-backup-size`: 64 GiB.
+pub const DEFAULT_MAX_BACKUP_SIZE: u64 = 64 << 30;
+
 /// Configuration of `edgekeep server`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -76,6 +79,32 @@ pub struct Config {
         conflicts_with = "s3_secret_key"
     )]
     pub s3_secret_key_file: Option<PathBuf>,
+
+    /// PostgreSQL URL of the metadata store, such as
+    /// `postgres://edgekeep:PASSWORD@db:5432/edgekeep`. Without it, the
+    /// metadata lives in `DATA/edgekeep.db` (SQLite).
+    #[arg(long, env = "EDGEKEEP_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// File whose first line is the PostgreSQL URL, for a URL that contains
+    /// a password.
+    #[arg(
+        long,
+        env = "EDGEKEEP_DATABASE_URL_FILE",
+        conflicts_with = "database_url"
+    )]
+    pub database_url_file: Option<PathBuf>,
+
+    /// Maximum size of an uploaded backup file, such as `64GiB`, `500MiB`
+    /// or a bare number of bytes. A larger upload fails its job.
+    #[arg(long, env = "EDGEKEEP_MAX_BACKUP_SIZE", default_value = "64GiB", value_parser = parse_size)]
+    pub max_backup_size: u64,
+
+    /// How long a running backup or restore job may go without a progress
+    /// report before it fails, such as `2m`; agents report at least every
+    /// 5 seconds while a job runs.
+    #[arg(long, env = "EDGEKEEP_JOB_HEARTBEAT_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub job_heartbeat_timeout: Duration,
 }
 
 impl Config {
@@ -95,6 +124,10 @@ impl Config {
             s3_access_key: None,
             s3_secret_key: None,
             s3_secret_key_file: None,
+            database_url: None,
+            database_url_file: None,
+            max_backup_size: DEFAULT_MAX_BACKUP_SIZE,
+            job_heartbeat_timeout: Duration::from_secs(120),
         }
     }
 
@@ -124,6 +157,23 @@ impl Config {
                 "--s3-access-key and an S3 secret key (--s3-secret-key or --s3-secret-key-file) \
                  must be given together"
             ),
+        }
+    }
+
+    /// Returns the PostgreSQL URL given by option, environment or file, or
+    /// `None` for the SQLite store.
+    pub fn configured_database_url(&self) -> anyhow::Result<Option<String>> {
+        if let Some(url) = &self.database_url {
+            let url = url.trim();
+            anyhow::ensure!(
+                !url.is_empty(),
+                "--database-url is empty; give a postgres:// URL or leave it unset for SQLite"
+            );
+            return Ok(Some(url.to_string()));
+        }
+        match &self.database_url_file {
+            Some(path) => read_secret_file(path, "--database-url-file").map(Some),
+            None => Ok(None),
         }
     }
 }
@@ -169,9 +219,48 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(number * unit_secs))
 }
 
+/// Parses a size such as `64GiB`, `500MiB`, `10KiB`, `1TiB` or a bare
+/// number of bytes. The units are binary (1 KiB is 1024 bytes).
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number.parse().map_err(|_| {
+        format!("invalid size {value:?}: expected a number and a unit such as 64GiB")
+    })?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {value:?}: use B, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    number.checked_mul(1u64 << shift).ok_or_else(|| {
+        format!("invalid size {value:?}: the number of bytes does not fit in 64 bits")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_size_units() {
+        assert_eq!(parse_size("64GiB"), Ok(64 << 30));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert!(parse_size("5GB").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
 
     #[test]
     fn parse_duration_units() {
@@ -193,6 +282,28 @@ mod tests {
         config.s3_secret_key_file = Some(path);
         let credentials = config.configured_s3_credentials().unwrap();
         assert_eq!(credentials, Some(("EKKEY".into(), "s3cret".into())));
+    }
+
+    #[test]
+    fn database_url_read_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("database-url");
+        std::fs::write(&path, "postgres://edgekeep:pw@db:5432/fleet\n").unwrap();
+        let mut config = Config::new(dir.path());
+        assert_eq!(config.configured_database_url().unwrap(), None);
+        config.database_url_file = Some(path);
+        assert_eq!(
+            config.configured_database_url().unwrap().as_deref(),
+            Some("postgres://edgekeep:pw@db:5432/fleet")
+        );
+    }
+
+    #[test]
+    fn empty_database_url_is_rejected() {
+        let mut config = Config::new("/data");
+        config.database_url = Some("  ".into());
+        let error = config.configured_database_url().unwrap_err();
+        assert!(error.to_string().contains("--database-url"), "{error}");
     }
 
     #[test]

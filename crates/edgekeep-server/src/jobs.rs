@@ -4,18 +4,33 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgekeep_api::{Backup, Job, JobKind};
+use edgekeep_api::{Backup, Job, JobKind, JobState};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::service::Manager;
 use crate::service::backups::backup_key;
-use crate::store::{BackupRecord, JobRecord};
+use crate::store::{BackupRecord, JobFilter, JobRecord};
 
 /// How often queued jobs are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often pending imports are checked for their file.
 const IMPORT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often `uploads/` and `staging/` are swept for objects of ended jobs.
+const STRAY_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// Age below which the sweep keeps an object of an ended or unknown job,
+/// so an upload that races with its job's start is not deleted.
+pub const STRAY_OBJECT_GRACE: Duration = Duration::from_secs(60);
+
+/// Returns the job id in an upload key: `uploads/{id}.dat` or
+/// `staging/jobs/{id}.dat`.
+fn upload_job_id(key: &str) -> Option<i64> {
+    key.strip_prefix("uploads/")
+        .or_else(|| key.strip_prefix("staging/jobs/"))?
+        .strip_suffix(".dat")?
+        .parse()
+        .ok()
+}
 
 /// Returns the reason stored on a job that expires while queued.
 pub fn expiry_reason(job: &Job) -> String {
@@ -37,7 +52,21 @@ struct Rejected(String);
 
 impl From<Error> for Rejected {
     fn from(error: Error) -> Self {
-        Rejected(format!("the server could not list the file: {error}"))
+        match error {
+            // Internal errors can name server paths, so they stay in the log.
+            Error::Internal(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "failed to list an uploaded file"
+                );
+                Rejected(
+                    "the server could not list the file because of an internal error; the \
+                     server log has the details"
+                        .to_string(),
+                )
+            }
+            other => Rejected(format!("the server could not list the file: {other}")),
+        }
     }
 }
 
@@ -51,6 +80,7 @@ impl Manager {
         record: &JobRecord,
         expected: Option<(u64, String)>,
     ) -> Result<()> {
+        let _validating = self.start_validating(record.job.id);
         match self.list_upload(record, expected).await {
             Ok(backup) => {
                 tracing::info!(
@@ -77,11 +107,26 @@ impl Manager {
             .as_deref()
             .ok_or_else(|| Error::internal("job has no object key", job.id))?;
 
+        // Check the size before downloading anything.
+        let size = self.objects.head(key).await?.ok_or_else(|| {
+            Rejected(format!(
+                "no file arrived at {key}; upload the file before reporting the job"
+            ))
+        })?;
+        if size > self.max_backup_size {
+            return Err(Rejected(format!(
+                "the uploaded file is {size} bytes, larger than the maximum backup size of {} \
+                 bytes; raise --max-backup-size or make the backup smaller",
+                self.max_backup_size
+            )));
+        }
+
         // Download and verify the whole file.
         let temp = tempfile::NamedTempFile::new_in(&self.temp_dir)
             .map_err(|e| Error::internal("failed to create a temporary file", e))?;
         self.objects.download(key, temp.path()).await?;
         let path = temp.path().to_path_buf();
+        let temp_path = path.display().to_string();
         let verified =
             tokio::task::spawn_blocking(move || edgekeep_archive::verify(&path, &mut |_| {}))
                 .await
@@ -92,7 +137,12 @@ impl Manager {
                     } else {
                         ""
                     };
-                    Rejected(format!("{status}the uploaded file failed validation: {e}"))
+                    // The reason reaches API clients, so the server's
+                    // temporary path is replaced.
+                    let error = e.to_string().replace(&temp_path, "the uploaded file");
+                    Rejected(format!(
+                        "{status}the uploaded file failed validation: {error}"
+                    ))
                 })?;
         drop(temp);
         if let Some((size, checksum)) = expected
@@ -126,8 +176,27 @@ impl Manager {
             None => self.store.next_timestamp(job.project_id, now).await?,
         };
 
-        // Copy to the final key and list it.
+        // A device's own backup must name that device as its source, or a
+        // device could list state under another device's identity.
         let source = &verified.manifest.source;
+        if job.kind == JobKind::Backup {
+            let device = self
+                .store
+                .device(job.project_id, job.device_id)
+                .await?
+                .ok_or_else(|| {
+                    Error::internal("device of a running job not found", job.device_id)
+                })?;
+            if source.device_uid != device.uid {
+                return Err(Rejected(format!(
+                    "the archive names another device (uid {}) as its source, but device {} \
+                     (uid {}) uploaded it; a backup job accepts only the device's own state",
+                    source.device_uid, device.id, device.uid
+                )));
+            }
+        }
+
+        // Copy to the final key and list it.
         let source_device_id = self
             .store
             .device_by_uid(job.project_id, &source.device_uid)
@@ -188,6 +257,92 @@ impl Manager {
         Ok(())
     }
 
+    /// Deletes every object under `uploads/` and `staging/` whose job is
+    /// final or unknown and that is older than `grace`, so a file PUT to a
+    /// URL after its job ended does not stay. With the embedded S3 store,
+    /// also removes the side files of deleted objects. Returns how many
+    /// objects were deleted.
+    pub async fn sweep_stray_objects(&self, grace: Duration) -> Result<usize> {
+        let cutoff = crate::now_ms() - grace.as_millis() as i64;
+        let mut deleted = 0;
+        for prefix in ["uploads/", "staging/"] {
+            for object in self.objects.list(prefix).await? {
+                if object.modified_ms > cutoff {
+                    continue;
+                }
+                let job_active = match upload_job_id(&object.key) {
+                    Some(job_id) => self.store.job(job_id).await?.is_some_and(|record| {
+                        matches!(record.job.state, JobState::Queued | JobState::Running)
+                            && record.object_key.as_deref() == Some(object.key.as_str())
+                    }),
+                    None => false,
+                };
+                if job_active {
+                    continue;
+                }
+                self.objects.delete(&object.key).await?;
+                tracing::info!(
+                    key = %object.key,
+                    size = object.size,
+                    "deleted an upload whose job has ended or is unknown"
+                );
+                deleted += 1;
+            }
+        }
+
+        if let Some((objects_dir, bucket)) = self.embedded_bucket_dir.clone() {
+            let removed = tokio::task::spawn_blocking(move || {
+                crate::s3::remove_orphaned_side_files(&objects_dir, &bucket, grace)
+            })
+            .await
+            .map_err(|e| Error::internal("side file sweep task failed", e))?
+            .map_err(|e| Error::internal("failed to remove orphaned S3 side files", e))?;
+            if removed > 0 {
+                tracing::info!(removed, "removed side files of deleted objects");
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Fails each running backup or restore job whose agent sent no progress
+    /// report, and no result, within the heartbeat timeout. Returns the
+    /// failed job ids.
+    pub async fn fail_stalled_jobs(&self) -> Result<Vec<i64>> {
+        let filter = JobFilter {
+            state: Some(JobState::Running),
+            ..JobFilter::default()
+        };
+        let running: Vec<Job> = self
+            .store
+            .list_jobs(filter)
+            .await?
+            .into_iter()
+            .filter(|job| job.kind != JobKind::Import)
+            .collect();
+        let running_ids: Vec<i64> = running.iter().map(|job| job.id).collect();
+        self.retain_heartbeats(&running_ids);
+
+        let mut failed = Vec::new();
+        for job in running {
+            let age = self.heartbeat_age(job.id);
+            if age < self.heartbeat_timeout || self.is_validating(job.id) {
+                continue;
+            }
+            let Some(record) = self.store.job(job.id).await? else {
+                continue;
+            };
+            let reason = format!(
+                "device {} sent no progress for {} seconds, the agent may have stopped; \
+                 the job can be retried",
+                job.device_id,
+                age.as_secs()
+            );
+            self.fail_job(&record, &reason).await?;
+            failed.push(job.id);
+        }
+        Ok(failed)
+    }
+
     /// Expires queued jobs past their expiry and deletes stray uploads.
     pub async fn expire_jobs(&self) -> Result<()> {
         for record in self.store.expire_jobs(crate::now_ms()).await? {
@@ -221,14 +376,30 @@ pub fn spawn_background(
                 if let Err(error) = manager.expire_jobs().await {
                     tracing::warn!(error = %error, "job expiry sweep failed; retrying");
                 }
+                if let Err(error) = manager.fail_stalled_jobs().await {
+                    tracing::warn!(error = %error, "heartbeat sweep failed; retrying");
+                }
             })
             .await
         })
     };
     let watcher = tokio::spawn(async move {
-        every(IMPORT_POLL_INTERVAL, shutdown, || async {
-            if let Err(error) = manager.check_imports().await {
-                tracing::warn!(error = %error, "import check failed; retrying");
+        let mut last_stray_sweep: Option<tokio::time::Instant> = None;
+        every(IMPORT_POLL_INTERVAL, shutdown, || {
+            let sweep_due = last_stray_sweep.is_none_or(|at| at.elapsed() >= STRAY_SWEEP_INTERVAL);
+            if sweep_due {
+                last_stray_sweep = Some(tokio::time::Instant::now());
+            }
+            let manager = &manager;
+            async move {
+                if let Err(error) = manager.check_imports().await {
+                    tracing::warn!(error = %error, "import check failed; retrying");
+                }
+                if sweep_due
+                    && let Err(error) = manager.sweep_stray_objects(STRAY_OBJECT_GRACE).await
+                {
+                    tracing::warn!(error = %error, "sweep of stray uploads failed; retrying");
+                }
             }
         })
         .await

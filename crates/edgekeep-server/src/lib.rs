@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use service::Manager;
-pub use store::{SqliteStore, Store};
+pub use store::{PostgresStore, SqliteStore, Store};
 
 /// Returns the current time in milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -74,6 +74,9 @@ pub struct RunningServer {
     pub manager: Arc<Manager>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Exclusive lock on `DATA/server.lock`, released when the server is
+    /// dropped.
+    _data_lock: std::fs::File,
 }
 
 impl RunningServer {
@@ -122,10 +125,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("failed to create the data folder {}", dir.display()))?;
     }
+    let data_lock = lock_data_dir(data_dir)?;
 
     // Metadata store and the administrator token.
-    let store = SqliteStore::open(&data_dir.join("edgekeep.db"))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store: Arc<dyn Store> = match config.configured_database_url()? {
+        Some(url) => Arc::new(PostgresStore::connect(&url).await?),
+        None => Arc::new(SqliteStore::open(&data_dir.join("edgekeep.db"))?),
+    };
     bootstrap_admin_token(store.as_ref(), config.configured_admin_token()?).await?;
     // NOTE: this assumes one server per database. Several replicas on one
     // store would need the jobs table's lease columns before requeueing.
@@ -177,13 +183,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         access_key: credentials.access_key.clone(),
         secret_key: credentials.secret_key.clone(),
     })?;
-    let manager = Arc::new(Manager::new(
+    let mut manager = Manager::new(
         store,
         objects,
         config.job_ttl,
         config.activation_ttl,
         temp_dir,
-    ));
+    );
+    manager.max_backup_size = config.max_backup_size;
+    manager.heartbeat_timeout = config.job_heartbeat_timeout;
+    manager.embedded_bucket_dir = Some((objects_dir.clone(), config.bucket.clone()));
+    let manager = Arc::new(manager);
 
     // Serve.
     let shutdown = CancellationToken::new();
@@ -208,7 +218,49 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         manager,
         shutdown,
         tasks,
+        _data_lock: data_lock,
     })
+}
+
+/// Takes an exclusive `flock` on `DATA/server.lock` and writes this
+/// process's id into it, so a second server on the same folder fails at
+/// start instead of sharing the database and objects.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+
+    let path = data_dir.join("server.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("failed to open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process".to_string(),
+                pid => format!("another process (pid {pid})"),
+            };
+            anyhow::bail!(
+                "the data folder {} is in use by {holder}, which holds {}; stop that server \
+                 or give this one another --data-dir",
+                data_dir.display(),
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("failed to lock {}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(file)
 }
 
 fn serve(

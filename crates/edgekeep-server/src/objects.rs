@@ -37,6 +37,15 @@ pub struct S3Settings {
     pub secret_key: String,
 }
 
+/// An object found by [`Objects::list`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    pub key: String,
+    /// Last modification, in milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+    pub size: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Objects {
     internal: Arc<AmazonS3>,
@@ -78,6 +87,21 @@ impl Objects {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Lists the objects whose keys start with `prefix`, such as `uploads/`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>> {
+        let mut stream = self.internal.list(Some(&Path::from(prefix)));
+        let mut objects = Vec::new();
+        while let Some(meta) = stream.next().await {
+            let meta = meta?;
+            objects.push(StoredObject {
+                key: meta.location.to_string(),
+                modified_ms: meta.last_modified.timestamp_millis(),
+                size: meta.size,
+            });
+        }
+        Ok(objects)
     }
 
     /// Streams the object into a local file and returns its size.

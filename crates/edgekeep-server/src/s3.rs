@@ -104,6 +104,60 @@ pub fn build_service(
     Ok(builder.build())
 }
 
+/// Deletes the side files that s3s-fs keeps next to each object
+/// (`.bucket-B.object-K.internal.json` and `.metadata.json`, with B and K
+/// in unpadded URL-safe base64) once their object is gone. s3s-fs 0.14.1
+/// removes only the object file on DeleteObject. Side files younger than
+/// `grace` are kept, because a PUT in progress may write them before its
+/// object. Returns how many files were deleted.
+pub fn remove_orphaned_side_files(
+    objects_dir: &Path,
+    bucket: &str,
+    grace: std::time::Duration,
+) -> std::io::Result<usize> {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    let bucket_tag = format!(".bucket-{}.object-", URL_SAFE_NO_PAD.encode(bucket));
+    let mut removed = 0;
+    for entry in std::fs::read_dir(objects_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(&bucket_tag) else {
+            continue;
+        };
+        let Some(encoded_key) = rest
+            .strip_suffix(".internal.json")
+            .or_else(|| rest.strip_suffix(".metadata.json"))
+        else {
+            continue;
+        };
+        // Multipart side files carry `.upload-ID` and are left to s3s-fs.
+        let Ok(key) = URL_SAFE_NO_PAD.decode(encoded_key) else {
+            continue;
+        };
+        let Ok(key) = String::from_utf8(key) else {
+            continue;
+        };
+        if objects_dir.join(bucket).join(&key).exists() {
+            continue;
+        }
+        let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+        if age < grace {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(removed)
+}
+
 /// Wraps the S3 service in an axum router, so it shares the API's serving
 /// and graceful shutdown.
 pub fn router(service: S3Service) -> Router {

@@ -1,12 +1,15 @@
 //! Job workflows against a server on loopback: the real REST and agent
 //! clients, pre-signed uploads and downloads, and `.dat` validation.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
 use edgekeep_api::agent::{AgentJob, JobResult, ProgressReport};
 use edgekeep_api::{Backup, Client, JobState};
+
+use common::StoreChoice;
 
 const POLL: Duration = Duration::from_secs(5);
 
@@ -88,9 +91,8 @@ async fn run_backup(
         .expect("backup listed")
 }
 
-#[tokio::test]
-async fn backup_is_validated_and_listed() {
-    let server = common::start().await;
+async fn backup_is_validated_and_listed(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let backup = run_backup(&server, project_id, &device, &agent).await;
 
@@ -121,9 +123,8 @@ async fn backup_is_validated_and_listed() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn backups_list_newest_first_with_unique_timestamps() {
-    let server = common::start().await;
+async fn backups_list_newest_first_with_unique_timestamps(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let first = run_backup(&server, project_id, &device, &agent).await;
     let second = run_backup(&server, project_id, &device, &agent).await;
@@ -138,9 +139,8 @@ async fn backups_list_newest_first_with_unique_timestamps() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn backup_with_wrong_checksum_fails() {
-    let server = common::start().await;
+async fn backup_with_wrong_checksum_fails(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let job_id = client
@@ -176,9 +176,8 @@ async fn backup_with_wrong_checksum_fails() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn corrupt_backup_upload_fails_job() {
-    let server = common::start().await;
+async fn corrupt_backup_upload_fails_job(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let job_id = client
@@ -216,9 +215,8 @@ async fn corrupt_backup_upload_fails_job() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn restore_onto_other_device() {
-    let server = common::start().await;
+async fn restore_onto_other_device(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, source, source_agent) = common::project_with_agent(&server, "gw-1").await;
     let backup = run_backup(&server, project_id, &source, &source_agent).await;
     let (target, target_agent) = common::add_agent(&server, project_id, "gw-2").await;
@@ -258,6 +256,7 @@ async fn restore_onto_other_device() {
         download_url,
         size,
         checksum,
+        ..
     } = job
     else {
         panic!("expected a restore job, got {job:?}");
@@ -292,9 +291,8 @@ async fn restore_onto_other_device() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn long_poll_wakes_when_job_queued() {
-    let server = common::start().await;
+async fn long_poll_wakes_when_job_queued(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let started = Instant::now();
@@ -315,9 +313,8 @@ async fn long_poll_wakes_when_job_queued() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn long_poll_returns_none_after_wait() {
-    let server = common::start().await;
+async fn long_poll_returns_none_after_wait(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (_, _, agent) = common::project_with_agent(&server, "gw-1").await;
     let started = Instant::now();
     let job = agent
@@ -329,9 +326,8 @@ async fn long_poll_returns_none_after_wait() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn poll_during_running_job_fails_it() {
-    let server = common::start().await;
+async fn poll_during_running_job_fails_it(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let job_id = client
@@ -361,9 +357,8 @@ async fn poll_during_running_job_fails_it() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn cancelled_running_job_tells_agent() {
-    let server = common::start().await;
+async fn cancelled_running_job_tells_agent(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let job_id = client
@@ -394,9 +389,8 @@ async fn cancelled_running_job_tells_agent() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn agent_cannot_touch_other_devices_job() {
-    let server = common::start().await;
+async fn agent_cannot_touch_other_devices_job(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let (_, other_agent) = common::add_agent(&server, project_id, "gw-2").await;
     let job_id = server
@@ -424,9 +418,8 @@ async fn agent_cannot_touch_other_devices_job() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn activation_code_is_single_use() {
-    let server = common::start().await;
+async fn activation_code_is_single_use(store: StoreChoice) {
+    let server = common::start(&store).await;
     let client = server.client();
     let project = client.create_project("plant").await.unwrap();
     let activation = client.create_device(project.id, "gw").await.unwrap();
@@ -443,9 +436,8 @@ async fn activation_code_is_single_use() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn new_activation_code_revokes_old_credential() {
-    let server = common::start().await;
+async fn new_activation_code_revokes_old_credential(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     server
         .client()
@@ -460,9 +452,8 @@ async fn new_activation_code_revokes_old_credential() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn import_lists_valid_upload() {
-    let server = common::start().await;
+async fn import_lists_valid_upload(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, _agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let (url, job_id) = client
@@ -492,9 +483,8 @@ async fn import_lists_valid_upload() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn import_of_foreign_archive_has_no_source_id() {
-    let server = common::start().await;
+async fn import_of_foreign_archive_has_no_source_id(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, _agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let (url, job_id) = client
@@ -511,9 +501,8 @@ async fn import_of_foreign_archive_has_no_source_id() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_import_fails_and_is_not_listed() {
-    let server = common::start().await;
+async fn invalid_import_fails_and_is_not_listed(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, _agent) = common::project_with_agent(&server, "gw-1").await;
     let client = server.client();
     let (url, job_id) = client
@@ -543,10 +532,9 @@ async fn invalid_import_fails_and_is_not_listed() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn queued_job_expires_when_device_offline() {
+async fn queued_job_expires_when_device_offline(store: StoreChoice) {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::start_with(dir, |c| c.job_ttl = Duration::from_secs(1)).await;
+    let server = common::start_with(dir, &store, |c| c.job_ttl = Duration::from_secs(1)).await;
     let client = server.client();
     let project = client.create_project("plant").await.unwrap();
     let device = client.create_device(project.id, "gw").await.unwrap().device;
@@ -565,9 +553,8 @@ async fn queued_job_expires_when_device_offline() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn jobs_and_backups_survive_restart() {
-    let server = common::start().await;
+async fn jobs_and_backups_survive_restart(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
     let backup = run_backup(&server, project_id, &device, &agent).await;
     let queued = server
@@ -578,10 +565,30 @@ async fn jobs_and_backups_survive_restart() {
         .unwrap();
     let dir = server.stop().await;
 
-    let server = common::start_with(dir, |_| {}).await;
+    let server = common::start_with(dir, &store, |_| {}).await;
     let client = server.client();
     assert_eq!(client.job(queued).await.unwrap().state, JobState::Queued);
     let listed = client.list_backups(project_id, device.id).await.unwrap();
     assert_eq!(listed, vec![backup]);
     server.stop().await;
 }
+
+store_tests!(
+    backup_is_validated_and_listed,
+    backups_list_newest_first_with_unique_timestamps,
+    backup_with_wrong_checksum_fails,
+    corrupt_backup_upload_fails_job,
+    restore_onto_other_device,
+    long_poll_wakes_when_job_queued,
+    long_poll_returns_none_after_wait,
+    poll_during_running_job_fails_it,
+    cancelled_running_job_tells_agent,
+    agent_cannot_touch_other_devices_job,
+    activation_code_is_single_use,
+    new_activation_code_revokes_old_credential,
+    import_lists_valid_upload,
+    import_of_foreign_archive_has_no_source_id,
+    invalid_import_fails_and_is_not_listed,
+    queued_job_expires_when_device_offline,
+    jobs_and_backups_survive_restart,
+);

@@ -23,7 +23,7 @@ fn settings(server: &common::TestServer, secret: Option<&str>) -> S3Settings {
 
 #[tokio::test]
 async fn put_and_get_with_right_key() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, None)).unwrap();
     let store = objects.store();
     let path = Path::from("backups/1/2/MASTER/3.dat");
@@ -44,7 +44,7 @@ async fn put_and_get_with_right_key() {
 
 #[tokio::test]
 async fn wrong_secret_key_is_rejected() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, Some("not-the-secret"))).unwrap();
     let error = objects
         .store()
@@ -60,7 +60,7 @@ async fn wrong_secret_key_is_rejected() {
 
 #[tokio::test]
 async fn presigned_get_works_without_auth_header() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, None)).unwrap();
     objects.put("a/b.dat", "payload".into()).await.unwrap();
 
@@ -78,7 +78,7 @@ async fn presigned_get_works_without_auth_header() {
 
 #[tokio::test]
 async fn presigned_put_stores_object() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, None)).unwrap();
     let url = objects
         .signed_put("uploads/1.dat", Duration::from_secs(60))
@@ -97,7 +97,7 @@ async fn presigned_put_stores_object() {
 
 #[tokio::test]
 async fn changed_signature_is_rejected() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, None)).unwrap();
     objects.put("a.dat", "x".into()).await.unwrap();
     let url = objects
@@ -117,7 +117,7 @@ async fn changed_signature_is_rejected() {
 
 #[tokio::test]
 async fn url_signed_with_other_secret_is_rejected() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, None)).unwrap();
     objects.put("a.dat", "x".into()).await.unwrap();
     let forger = Objects::new(&settings(&server, Some("another-secret"))).unwrap();
@@ -132,7 +132,7 @@ async fn url_signed_with_other_secret_is_rejected() {
 
 #[tokio::test]
 async fn expired_url_is_rejected() {
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let objects = Objects::new(&settings(&server, None)).unwrap();
     objects.put("a.dat", "x".into()).await.unwrap();
     let url = objects
@@ -151,14 +151,14 @@ async fn expired_url_is_rejected() {
 async fn credentials_file_is_private_and_stable() {
     use std::os::unix::fs::PermissionsExt;
 
-    let server = common::start().await;
+    let server = common::start(&common::StoreChoice::Sqlite).await;
     let path = server.data_dir().join("s3-credentials.json");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let first = load_credentials(server.data_dir(), None, None).unwrap();
     let dir = server.stop().await;
 
-    let again = common::start_with(dir, |_| {}).await;
+    let again = common::start_with(dir, &common::StoreChoice::Sqlite, |_| {}).await;
     let second = load_credentials(again.data_dir(), None, None).unwrap();
     assert_eq!(first.access_key, second.access_key);
     assert_eq!(first.secret_key, second.secret_key);

@@ -1,5 +1,6 @@
 //! REST API behaviour through the axum router, called without a listener.
 
+#[macro_use]
 mod common;
 
 use axum::body::Body;
@@ -7,6 +8,7 @@ use http::{Method, Request, StatusCode};
 use serde_json::Value;
 use tower::ServiceExt;
 
+use common::StoreChoice;
 use edgekeep_server::api;
 use edgekeep_server::auth::{TOKEN_PREFIX, generate_secret, hash_secret};
 
@@ -87,9 +89,8 @@ async fn project_and_device(server: &common::TestServer) -> (i64, i64) {
     )
 }
 
-#[tokio::test]
-async fn healthz_returns_ok_envelope() {
-    let server = common::start().await;
+async fn healthz_returns_ok_envelope(store: StoreChoice) {
+    let server = common::start(&store).await;
     let reply = call(&server, Method::GET, "/healthz", None, None).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.body["code"], "200");
@@ -97,9 +98,8 @@ async fn healthz_returns_ok_envelope() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn missing_parameter_is_named() {
-    let server = common::start().await;
+async fn missing_parameter_is_named(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (project_id, _) = project_and_device(&server).await;
     let reply = admin(
         &server,
@@ -117,9 +117,8 @@ async fn missing_parameter_is_named() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_parameter_is_named() {
-    let server = common::start().await;
+async fn invalid_parameter_is_named(store: StoreChoice) {
+    let server = common::start(&store).await;
     let reply = admin(
         &server,
         Method::GET,
@@ -132,9 +131,8 @@ async fn invalid_parameter_is_named() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_backup_type_is_400() {
-    let server = common::start().await;
+async fn unknown_backup_type_is_400(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (p, d) = project_and_device(&server).await;
     let reply = admin(
         &server,
@@ -152,9 +150,8 @@ async fn unknown_backup_type_is_400() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn missing_and_unknown_tokens_are_401() {
-    let server = common::start().await;
+async fn missing_and_unknown_tokens_are_401(store: StoreChoice) {
+    let server = common::start(&store).await;
     let missing = call(&server, Method::GET, "/api/v1/projects", None, None).await;
     assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
     assert_eq!(missing.body["code"], "401");
@@ -170,9 +167,8 @@ async fn missing_and_unknown_tokens_are_401() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn revoked_and_expired_tokens_are_401() {
-    let server = common::start().await;
+async fn revoked_and_expired_tokens_are_401(store: StoreChoice) {
+    let server = common::start(&store).await;
     let created = admin(
         &server,
         Method::POST,
@@ -231,9 +227,8 @@ async fn revoked_and_expired_tokens_are_401() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn scoped_token_gets_403_on_other_project() {
-    let server = common::start().await;
+async fn scoped_token_gets_403_on_other_project(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (p1, d1) = project_and_device(&server).await;
     let (p2, d2) = project_and_device(&server).await;
     let created = admin(
@@ -275,9 +270,8 @@ async fn scoped_token_gets_403_on_other_project() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_resources_are_404() {
-    let server = common::start().await;
+async fn unknown_resources_are_404(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (p, d) = project_and_device(&server).await;
     for uri in [
         format!("/api/v1/backup/list?projectId=999&deviceId={d}"),
@@ -303,9 +297,8 @@ async fn unknown_resources_are_404() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn second_job_on_busy_device_is_409() {
-    let server = common::start().await;
+async fn second_job_on_busy_device_is_409(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (p, d) = project_and_device(&server).await;
     let uri = format!("/api/v1/backup/init-backup?projectId={p}&deviceId={d}");
     let first = admin(&server, Method::POST, &uri, None).await;
@@ -340,9 +333,8 @@ async fn second_job_on_busy_device_is_409() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn jobs_list_filters_and_orders() {
-    let server = common::start().await;
+async fn jobs_list_filters_and_orders(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (p, d) = project_and_device(&server).await;
     let first = admin(
         &server,
@@ -389,9 +381,8 @@ async fn jobs_list_filters_and_orders() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn timestamps_unique_under_concurrency() {
-    let server = common::start().await;
+async fn timestamps_unique_under_concurrency(store: StoreChoice) {
+    let server = common::start(&store).await;
     let (p, _) = project_and_device(&server).await;
     let store = server.server.manager.store().clone();
     let now = edgekeep_server::now_ms();
@@ -412,9 +403,8 @@ async fn timestamps_unique_under_concurrency() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_json_body_is_400() {
-    let server = common::start().await;
+async fn invalid_json_body_is_400(store: StoreChoice) {
+    let server = common::start(&store).await;
     let reply = admin(
         &server,
         Method::POST,
@@ -427,10 +417,9 @@ async fn invalid_json_body_is_400() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn first_start_creates_admin_token() {
+async fn first_start_creates_admin_token(store: StoreChoice) {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::start_with(dir, |c| c.admin_token = None).await;
+    let server = common::start_with(dir, &store, |c| c.admin_token = None).await;
     let tokens = server.server.manager.store().list_tokens().await.unwrap();
     assert_eq!(tokens.len(), 1);
     assert!(tokens[0].admin);
@@ -438,7 +427,7 @@ async fn first_start_creates_admin_token() {
     let dir = server.stop().await;
 
     // A configured token replaces the generated one's hash.
-    let server = common::start_with(dir, |_| {}).await;
+    let server = common::start_with(dir, &store, |_| {}).await;
     let tokens = server.server.manager.store().list_tokens().await.unwrap();
     assert_eq!(tokens.len(), 1);
     let reply = admin(&server, Method::GET, "/api/v1/tokens", None).await;
@@ -450,3 +439,19 @@ async fn first_start_creates_admin_token() {
     assert_eq!(endpoints["s3"], server.server.s3_url.as_str());
     server.stop().await;
 }
+
+store_tests!(
+    healthz_returns_ok_envelope,
+    missing_parameter_is_named,
+    invalid_parameter_is_named,
+    unknown_backup_type_is_400,
+    missing_and_unknown_tokens_are_401,
+    revoked_and_expired_tokens_are_401,
+    scoped_token_gets_403_on_other_project,
+    unknown_resources_are_404,
+    second_job_on_busy_device_is_409,
+    jobs_list_filters_and_orders,
+    timestamps_unique_under_concurrency,
+    invalid_json_body_is_400,
+    first_start_creates_admin_token,
+);

@@ -4,10 +4,12 @@ use edgekeep_server::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
+    /// Boxed because the server options are far larger than any other
+    /// command's arguments.
     #[command(flatten)]
-    pub config: Config,
+    pub config: Box<Config>,
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    edgekeep_server::run(args.config).await
+    edgekeep_server::run(*args.config).await
 }

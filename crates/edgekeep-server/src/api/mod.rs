@@ -29,7 +29,7 @@ pub type AppState = Arc<Manager>;
 
 /// Builds the router of the REST API and the agent protocol.
 pub fn router(manager: Arc<Manager>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .merge(backup::router())
         .merge(projects::router())
@@ -38,11 +38,45 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .merge(agent::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(log_request))
-        .with_state(manager)
+        .with_state(manager);
+    // axum adds the `Allow` header outside a route's layers, so the 405
+    // rewrite wraps the whole router to see it.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(method_not_allowed_envelope))
 }
 
-async fn healthz() -> Json<Envelope<&'static str>> {
-    Json(Envelope::ok("ok"))
+/// Returns `"ok"` once a trivial query on the metadata store succeeds, so
+/// a broken store shows here as a 500.
+async fn healthz(
+    axum::extract::State(manager): axum::extract::State<AppState>,
+) -> Result<Json<Envelope<&'static str>>> {
+    manager.store.admin_token_exists().await?;
+    Ok(Json(Envelope::ok("ok")))
+}
+
+/// Gives axum's bare 405 responses the JSON envelope, with a message that
+/// names the allowed methods from the `Allow` header.
+async fn method_not_allowed_envelope(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    if response.status() != http::StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(http::header::ALLOW).cloned();
+    let allowed = allow
+        .as_ref()
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let message = format!("method {method} is not allowed on {path}; use one of: {allowed}");
+    let body = Envelope::<()>::error(http::StatusCode::METHOD_NOT_ALLOWED.as_u16(), message);
+    let mut enveloped = (http::StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response();
+    if let Some(allow) = allow {
+        enveloped.headers_mut().insert(http::header::ALLOW, allow);
+    }
+    enveloped
 }
 
 async fn not_found(request: Request) -> Error {
@@ -118,6 +152,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self> {
         let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
             .map_err(|e| Error::BadRequest(format!("invalid query string: {e}")))?;
+        // A repeated parameter is ambiguous, so it is rejected instead of
+        // silently using one of its values.
+        for (index, (key, _)) in query.0.iter().enumerate() {
+            if query.0[..index].iter().any(|(earlier, _)| earlier == key) {
+                return Err(Error::BadRequest(format!(
+                    "query parameter {key} is repeated; give it once"
+                )));
+            }
+        }
         Ok(Params(query.0))
     }
 }

@@ -19,6 +19,31 @@ use crate::store::JobRecord;
 const RESTARTED_REASON: &str = "the agent restarted while the job was running; \
      check the agent log on the device and run the job again";
 
+/// Maximum length of a progress message, in characters; longer messages are
+/// cut.
+pub const MAX_PROGRESS_MESSAGE_CHARS: usize = 200;
+/// Maximum length of each device fact, such as the hostname, in characters.
+pub const MAX_FACT_CHARS: usize = 255;
+
+/// Checks that every device fact fits in [`MAX_FACT_CHARS`].
+fn check_facts(facts: &DeviceFacts) -> Result<()> {
+    let fields = [
+        ("arch", &facts.arch),
+        ("platformVersion", &facts.platform_version),
+        ("agentVersion", &facts.agent_version),
+        ("hostname", &facts.hostname),
+    ];
+    for (name, value) in fields {
+        let length = value.chars().count();
+        if length > MAX_FACT_CHARS {
+            return Err(Error::BadRequest(format!(
+                "invalid device fact {name}: {length} characters, at most {MAX_FACT_CHARS} allowed"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Closes the poll registration when the long poll ends or its request is
 /// dropped, and marks the device seen at that moment.
 struct PollGuard {
@@ -42,6 +67,7 @@ impl Drop for PollGuard {
 impl Manager {
     /// Trades a one-time activation code for a device credential.
     pub async fn activate(&self, request: &ActivateRequest) -> Result<ActivateResponse> {
+        check_facts(&request.facts)?;
         let credential = generate_secret(CREDENTIAL_PREFIX);
         let device = self
             .store
@@ -81,6 +107,9 @@ impl Manager {
         facts: Option<&DeviceFacts>,
         wait_secs: u64,
     ) -> Result<Option<AgentJob>> {
+        if let Some(facts) = facts {
+            check_facts(facts)?;
+        }
         let now = crate::now_ms();
         self.store.record_poll(device.id, facts, now).await?;
         self.fail_interrupted_jobs(device.id, now).await?;
@@ -137,6 +166,7 @@ impl Manager {
             let job_id = record.job.id;
             match self.agent_job(&record).await {
                 Ok(job) => {
+                    self.record_heartbeat(job_id);
                     tracing::info!(
                         job_id,
                         device_id,
@@ -183,11 +213,18 @@ impl Manager {
                     .ok_or_else(|| {
                         Error::NotFound(format!("backup {timestamp} is no longer listed"))
                     })?;
+                // The archive's own device uid can be forged, so the identity
+                // in it is trusted only for a backup this device made itself.
+                let made_by = self.store.job(backup.backup.job_id).await?;
+                let restore_identity = made_by.is_some_and(|made_by| {
+                    made_by.job.kind == JobKind::Backup && made_by.job.device_id == job.device_id
+                });
                 Ok(AgentJob::Restore {
                     job_id: job.id,
                     download_url: self.objects.signed_get(key, AGENT_URL_EXPIRY).await?,
                     size: backup.backup.size,
                     checksum: backup.backup.checksum,
+                    restore_identity,
                 })
             }
             JobKind::Import => Err(Error::internal("import jobs run on the server", job.id)),
@@ -218,19 +255,26 @@ impl Manager {
         job_id: i64,
         report: &ProgressReport,
     ) -> Result<ProgressReply> {
+        if !(report.progress.is_finite() && (0.0..=1.0).contains(&report.progress)) {
+            return Err(Error::BadRequest(format!(
+                "invalid progress {}: expected a number from 0 to 1",
+                report.progress
+            )));
+        }
         let record = self.device_job(device, job_id).await?;
         match record.job.state {
             JobState::Cancelled => return Ok(ProgressReply { cancelled: true }),
             JobState::Running => {}
             other => return Err(Self::not_running(job_id, other)),
         }
-        let progress = if report.progress.is_finite() {
-            report.progress.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        self.record_heartbeat(job_id);
+        let message: String = report
+            .message
+            .chars()
+            .take(MAX_PROGRESS_MESSAGE_CHARS)
+            .collect();
         self.store
-            .update_progress(job_id, progress, &report.message)
+            .update_progress(job_id, report.progress, &message)
             .await?;
         Ok(ProgressReply { cancelled: false })
     }

@@ -9,6 +9,25 @@ use crate::error::{Error, Result};
 use crate::objects::{DOWNLOAD_URL_EXPIRY, UPLOAD_URL_EXPIRY};
 use crate::store::{BackupRecord, JobRecord, NewJob};
 
+/// How far ahead of the server clock a timestamp given to `put` may lie, in
+/// milliseconds.
+pub const MAX_TIMESTAMP_LEAD_MS: i64 = 60_000;
+
+/// Checks a timestamp given to `put`: positive and at most
+/// [`MAX_TIMESTAMP_LEAD_MS`] ahead of `now`, so the project clock that moves
+/// past it stays near real time.
+fn check_put_timestamp(timestamp: i64, now: i64) -> Result<()> {
+    let latest = now.saturating_add(MAX_TIMESTAMP_LEAD_MS);
+    if timestamp <= 0 || timestamp > latest {
+        return Err(Error::BadRequest(format!(
+            "invalid query parameter timestamp {timestamp}: expected milliseconds since the \
+             Unix epoch from 1 to {latest} (at most one minute ahead of the server clock), or \
+             omit it"
+        )));
+    }
+    Ok(())
+}
+
 /// Object key of a device upload awaiting validation.
 pub fn staging_key(job_id: i64) -> String {
     format!("staging/jobs/{job_id}.dat")
@@ -165,6 +184,9 @@ impl Manager {
         timestamp: Option<i64>,
     ) -> Result<(String, i64)> {
         check_backup_type(backup_type)?;
+        if let Some(timestamp) = timestamp {
+            check_put_timestamp(timestamp, crate::now_ms())?;
+        }
         self.device(caller, project_id, device_id).await?;
         if let Some(timestamp) = timestamp
             && self

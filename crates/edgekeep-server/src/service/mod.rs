@@ -5,10 +5,11 @@ mod agent;
 pub mod backups;
 mod resources;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use edgekeep_api::Device;
 use tokio::sync::Notify;
@@ -31,7 +32,23 @@ pub struct Manager {
     pub(crate) activation_ttl: Duration,
     /// Folder for downloads under validation, on the data disk.
     pub(crate) temp_dir: PathBuf,
+    /// Largest uploaded file that validation accepts, in bytes.
+    pub(crate) max_backup_size: u64,
+    /// Time without a progress report after which a running device job fails.
+    pub(crate) heartbeat_timeout: Duration,
+    /// Folder of the embedded S3 backend and its bucket, whose orphaned side
+    /// files the sweep removes; `None` for an external S3 store.
+    pub(crate) embedded_bucket_dir: Option<(PathBuf, String)>,
     polls: Mutex<HashMap<i64, DevicePolls>>,
+    /// Time of the last sign of life of each running device job: its
+    /// hand-out or its last progress report. Kept in memory, so after a
+    /// restart each running job starts a full timeout from the first sweep.
+    // NOTE: replicas on one database do not share these times, so a replica
+    // would fail jobs whose agents report to another replica.
+    heartbeats: Mutex<HashMap<i64, Instant>>,
+    /// Running jobs whose upload the server is validating; the agent waits
+    /// for the result call meanwhile and sends no progress.
+    validating: Mutex<HashSet<i64>>,
 }
 
 /// Open long polls of one device and the signal that wakes them.
@@ -55,7 +72,12 @@ impl Manager {
             job_ttl,
             activation_ttl,
             temp_dir,
+            max_backup_size: crate::config::DEFAULT_MAX_BACKUP_SIZE,
+            heartbeat_timeout: Duration::from_secs(120),
+            embedded_bucket_dir: None,
             polls: Mutex::new(HashMap::new()),
+            heartbeats: Mutex::new(HashMap::new()),
+            validating: Mutex::new(HashSet::new()),
         }
     }
 
@@ -104,12 +126,64 @@ impl Manager {
             })
     }
 
+    /// Locks the poll registry. A panic while it was held leaves only
+    /// counters behind, so the guard is recovered instead of failing every
+    /// later poll.
+    fn lock_polls(&self) -> MutexGuard<'_, HashMap<i64, DevicePolls>> {
+        self.polls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_heartbeats(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a sign of life of a running device job.
+    pub(crate) fn record_heartbeat(&self, job_id: i64) {
+        self.lock_heartbeats().insert(job_id, Instant::now());
+    }
+
+    /// Returns how long ago the job last showed a sign of life. A job not
+    /// seen before, such as one left running by the last server, counts from
+    /// now.
+    pub(crate) fn heartbeat_age(&self, job_id: i64) -> Duration {
+        self.lock_heartbeats()
+            .entry(job_id)
+            .or_insert_with(Instant::now)
+            .elapsed()
+    }
+
+    /// Marks the job as under validation until the returned guard drops.
+    pub(crate) fn start_validating(&self, job_id: i64) -> ValidatingGuard<'_> {
+        self.validating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(job_id);
+        ValidatingGuard {
+            manager: self,
+            job_id,
+        }
+    }
+
+    pub(crate) fn is_validating(&self, job_id: i64) -> bool {
+        self.validating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&job_id)
+    }
+
+    /// Forgets the heartbeats of jobs that are no longer running.
+    pub(crate) fn retain_heartbeats(&self, running: &[i64]) {
+        self.lock_heartbeats().retain(|id, _| running.contains(id));
+    }
+
     /// Sets `online` from open polls and the time of the last poll.
     pub(crate) fn with_online(&self, mut device: Device) -> Device {
         let open = self
             .polls
             .lock()
-            .expect("poll registry poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&device.id)
             .is_some_and(|polls| polls.open > 0);
         let recent = device
@@ -121,7 +195,7 @@ impl Manager {
 
     /// Returns the signal that wakes the device's long polls.
     fn device_notify(&self, device_id: i64) -> Arc<Notify> {
-        let mut polls = self.polls.lock().expect("poll registry poisoned");
+        let mut polls = self.lock_polls();
         polls.entry(device_id).or_default().notify.clone()
     }
 
@@ -131,17 +205,33 @@ impl Manager {
     }
 
     fn open_poll(&self, device_id: i64) -> Arc<Notify> {
-        let mut polls = self.polls.lock().expect("poll registry poisoned");
+        let mut polls = self.lock_polls();
         let entry = polls.entry(device_id).or_default();
         entry.open += 1;
         entry.notify.clone()
     }
 
     fn close_poll(&self, device_id: i64) {
-        let mut polls = self.polls.lock().expect("poll registry poisoned");
+        let mut polls = self.lock_polls();
         if let Some(entry) = polls.get_mut(&device_id) {
             entry.open = entry.open.saturating_sub(1);
         }
+    }
+}
+
+/// Removes a job from the validating set when dropped.
+pub(crate) struct ValidatingGuard<'a> {
+    manager: &'a Manager,
+    job_id: i64,
+}
+
+impl Drop for ValidatingGuard<'_> {
+    fn drop(&mut self) {
+        self.manager
+            .validating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.job_id);
     }
 }
 

@@ -9,10 +9,22 @@ use crate::auth::{ACTIVATION_PREFIX, Caller, TOKEN_PREFIX, generate_secret, hash
 use crate::error::{Error, Result};
 use crate::store::JobFilter;
 
+/// Maximum length of a project, device or token name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// Checks a name after trimming: 1 to [`MAX_NAME_CHARS`] characters and no
+/// control characters.
 fn check_name(kind: &str, name: &str) -> Result<()> {
-    if name.trim().is_empty() {
+    let name = name.trim();
+    let length = name.chars().count();
+    if length == 0 || length > MAX_NAME_CHARS {
         return Err(Error::BadRequest(format!(
-            "invalid {kind} name: the name must not be empty"
+            "invalid {kind} name: expected 1 to {MAX_NAME_CHARS} characters, got {length}"
+        )));
+    }
+    if let Some(control) = name.chars().find(|c| c.is_control()) {
+        return Err(Error::BadRequest(format!(
+            "invalid {kind} name {name:?}: control character {control:?} is not allowed"
         )));
     }
     Ok(())
@@ -67,6 +79,16 @@ impl Manager {
     ) -> Result<DeviceActivation> {
         self.project(caller, project_id).await?;
         check_name("device", name)?;
+        // NOTE: two concurrent requests with the same name can both pass
+        // this check, because the schema has no unique index on the name.
+        let existing = self.store.list_devices(project_id).await?;
+        if let Some(device) = existing.iter().find(|d| d.name == name.trim()) {
+            return Err(Error::Conflict(format!(
+                "project {project_id} already has a device named {:?} (device {}); choose \
+                 another name or use that device",
+                device.name, device.id
+            )));
+        }
         let code = generate_secret(ACTIVATION_PREFIX);
         let now = crate::now_ms();
         let expires_at = now + self.activation_ttl.as_millis() as i64;

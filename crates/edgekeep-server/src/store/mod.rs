@@ -1,12 +1,14 @@
 //! The metadata store: projects, devices, tokens, jobs and backups.
 //!
-//! [`Store`] uses only plain Rust and wire types, so a PostgreSQL
-//! implementation can sit beside [`SqliteStore`]. Secrets arrive already
+//! [`Store`] uses only plain Rust and wire types. [`SqliteStore`] and
+//! [`PostgresStore`] implement it with the same behaviour. Secrets arrive already
 //! hashed, so the store never receives a token, credential or activation
 //! code.
 
+pub mod postgres;
 mod sqlite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

@@ -2,7 +2,7 @@
 //! from `spawn_blocking`, in WAL mode with a busy timeout.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -51,7 +51,7 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> anyhow::Result<()> {
-        let mut connection = self.connection.lock().expect("store mutex poisoned");
+        let mut connection = lock(&self.connection);
         let transaction = connection.transaction()?;
         transaction.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -84,12 +84,19 @@ impl SqliteStore {
     {
         let connection = self.connection.clone();
         tokio::task::spawn_blocking(move || {
-            let mut connection = connection.lock().expect("store mutex poisoned");
+            let mut connection = lock(&connection);
             f(&mut connection)
         })
         .await
         .map_err(|e| Error::internal("metadata store task failed", e))?
     }
+}
+
+/// Locks the connection. A call that panicked has already dropped its open
+/// transaction, which rolls it back, so the connection is safe to reuse and
+/// the guard is recovered instead of failing every later call.
+fn lock(connection: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    connection.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn project_from_row(row: &Row) -> rusqlite::Result<Project> {
@@ -350,7 +357,9 @@ fn insert_backup_row(connection: &mut Connection, record: &BackupRecord, now: i6
     )?;
     let updated = transaction.execute(
         "UPDATE jobs SET state = 'succeeded', timestamp = ?1, progress = 1, finished_at = ?2,
-             reason = NULL WHERE id = ?3 AND state = 'running'",
+             reason = NULL,
+             message = CASE kind WHEN 'import' THEN 'import listed' ELSE 'backup listed' END
+         WHERE id = ?3 AND state = 'running'",
         params![b.timestamp, now, b.job_id],
     )?;
     if updated == 0 {
@@ -714,7 +723,8 @@ impl Store for SqliteStore {
             };
             for id in &ids {
                 transaction.execute(
-                    "UPDATE jobs SET state = 'failed', reason = ?1, finished_at = ?2 WHERE id = ?3",
+                    "UPDATE jobs SET state = 'failed', reason = ?1, message = ?1, finished_at = ?2
+                     WHERE id = ?3",
                     params![reason, now, id],
                 )?;
             }
@@ -748,7 +758,9 @@ impl Store for SqliteStore {
         self.call(move |c| {
             let updated = c.execute(
                 "UPDATE jobs SET state = ?1, reason = ?2, finished_at = ?3,
-                     progress = CASE WHEN ?1 = 'succeeded' THEN 1 ELSE progress END
+                     progress = CASE WHEN ?1 = 'succeeded' THEN 1 ELSE progress END,
+                     message = CASE WHEN ?1 = 'succeeded' AND kind = 'restore' THEN 'restored'
+                                    ELSE COALESCE(?2, message) END
                  WHERE id = ?4 AND state = ?5",
                 params![to.as_str(), reason, now, job_id, from.as_str()],
             )?;
@@ -783,7 +795,8 @@ impl Store for SqliteStore {
             for record in &expired {
                 let reason = crate::jobs::expiry_reason(&record.job);
                 transaction.execute(
-                    "UPDATE jobs SET state = 'expired', reason = ?1, finished_at = ?2 WHERE id = ?3",
+                    "UPDATE jobs SET state = 'expired', reason = ?1, message = ?1, finished_at = ?2
+                     WHERE id = ?3",
                     params![reason, now, record.job.id],
                 )?;
             }
@@ -829,7 +842,15 @@ impl Store for SqliteStore {
                     |row| row.get(0),
                 )
                 .optional()?;
-            let next = last.map_or(now, |last| now.max(last + 1));
+            let next = match last {
+                None => now,
+                Some(last) => now.max(last.checked_add(1).ok_or_else(|| {
+                    Error::internal(
+                        format!("the backup clock of project {project_id} is exhausted"),
+                        format!("its last timestamp is {last}, the largest possible value"),
+                    )
+                })?),
+            };
             transaction.execute(
                 "INSERT INTO project_clock (project_id, last_timestamp) VALUES (?1, ?2)
                  ON CONFLICT (project_id) DO UPDATE SET last_timestamp = ?2",
@@ -881,5 +902,31 @@ impl Store for SqliteStore {
             Ok(backups)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn panicking_call_leaves_store_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("edgekeep.db")).unwrap();
+        let panicked = store
+            .call(|connection| -> Result<()> {
+                let transaction = connection.transaction()?;
+                transaction.execute(
+                    "INSERT INTO projects (name, created_at) VALUES ('lost', 1)",
+                    [],
+                )?;
+                panic!("simulated failure inside a store call");
+            })
+            .await;
+        assert!(panicked.is_err());
+
+        let project = store.create_project("plant", 2).await.unwrap();
+        let projects = store.list_projects(None).await.unwrap();
+        assert_eq!(projects, vec![project]);
     }
 }

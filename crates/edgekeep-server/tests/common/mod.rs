@@ -10,6 +10,11 @@ use edgekeep_api::{AgentClient, Client};
 use edgekeep_archive::{ArchivePath, PackItem, PackSummary, SourceInfo};
 use edgekeep_server::{Config, RunningServer};
 
+#[macro_use]
+mod database;
+
+pub use database::StoreChoice;
+
 pub struct TestServer {
     pub server: RunningServer,
     pub dir: tempfile::TempDir,
@@ -42,13 +47,18 @@ pub fn test_config(data_dir: &Path) -> Config {
     config
 }
 
-pub async fn start() -> TestServer {
+pub async fn start(store: &StoreChoice) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    start_with(dir, |_| {}).await
+    start_with(dir, store, |_| {}).await
 }
 
-pub async fn start_with(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> TestServer {
+pub async fn start_with(
+    dir: tempfile::TempDir,
+    store: &StoreChoice,
+    adjust: impl FnOnce(&mut Config),
+) -> TestServer {
     let mut config = test_config(dir.path());
+    config.database_url = store.database_url();
     adjust(&mut config);
     let server = edgekeep_server::start(config).await.unwrap();
     TestServer {

@@ -33,9 +33,8 @@ fn message(body: &Value) -> String {
     body["message"].as_str().unwrap_or_default().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tokens_missing_unknown_revoked_or_expired_get_401() {
-    let server = Server::start();
+async fn tokens_missing_unknown_revoked_or_expired_get_401(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let list = format!("/api/v1/backup/list?projectId={project}&deviceId=1");
@@ -76,9 +75,8 @@ async fn tokens_missing_unknown_revoked_or_expired_get_401() {
     assert!(message(&body).contains("expired"), "{body}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn scoped_token_gets_403_for_other_project() {
-    let server = Server::start();
+async fn scoped_token_gets_403_for_other_project(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let mine = client.create_project("mine").await.unwrap().id;
     let other = client.create_project("other").await.unwrap().id;
@@ -108,9 +106,8 @@ async fn scoped_token_gets_403_for_other_project() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unknown_project_device_or_backup_gets_404() {
-    let server = Server::start();
+async fn unknown_project_device_or_backup_gets_404(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let device = client.create_device(project, "d").await.unwrap().device.id;
@@ -140,9 +137,8 @@ async fn unknown_project_device_or_backup_gets_404() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn missing_or_invalid_parameter_gets_400_naming_it() {
-    let server = Server::start();
+async fn missing_or_invalid_parameter_gets_400_naming_it(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let device = client.create_device(project, "d").await.unwrap().device.id;
@@ -185,3 +181,10 @@ async fn missing_or_invalid_parameter_gets_400_naming_it() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(message(&body).contains("backupType"), "{body}");
 }
+
+e2e_tests!(
+    tokens_missing_unknown_revoked_or_expired_get_401,
+    scoped_token_gets_403_for_other_project,
+    unknown_project_device_or_backup_gets_404,
+    missing_or_invalid_parameter_gets_400_naming_it,
+);

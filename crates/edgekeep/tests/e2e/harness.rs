@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use edgekeep_api::{Backup, Client, DeviceActivation, Job};
 use tempfile::TempDir;
 
+pub use crate::database::StoreChoice;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgekeep");
 
 /// Longest wait for any one step, generous for a loaded 2-core CI machine.
@@ -20,11 +22,13 @@ pub struct Server {
     pub api: String,
     pub s3: String,
     pub token: String,
+    /// The metadata store; a PostgreSQL database lives as long as this.
+    pub store: StoreChoice,
     child: Option<Child>,
 }
 
 impl Server {
-    pub fn start() -> Server {
+    pub fn start(store: &StoreChoice) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("edgekeep-e2e-")
             .tempdir()
@@ -35,6 +39,7 @@ impl Server {
             api: String::new(),
             s3: String::new(),
             token,
+            store: store.clone(),
             child: None,
         };
         server.spawn();
@@ -55,7 +60,8 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["server", "--data-dir"])
             .arg(&data)
             .args(["--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0"])
@@ -63,9 +69,9 @@ impl Server {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        self.store.configure(&mut command);
+        let child = command.spawn().unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {

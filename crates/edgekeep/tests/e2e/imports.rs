@@ -84,9 +84,8 @@ pub async fn import(
     wait_job(server, job.expect("put names its import job")).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn truncated_or_bit_flipped_upload_never_listed() {
-    let server = Server::start();
+async fn truncated_or_bit_flipped_upload_never_listed(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let device = client
@@ -130,9 +129,8 @@ async fn truncated_or_bit_flipped_upload_never_listed() {
     assert_eq!(list[0].source_device_id, None);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn upload_with_unsafe_entries_rejected() {
-    let server = Server::start();
+async fn upload_with_unsafe_entries_rejected(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let device = client
@@ -208,3 +206,8 @@ async fn upload_with_unsafe_entries_rejected() {
     );
     assert!(!server.dir.path().join("escape").exists());
 }
+
+e2e_tests!(
+    truncated_or_bit_flipped_upload_never_listed,
+    upload_with_unsafe_entries_rejected,
+);

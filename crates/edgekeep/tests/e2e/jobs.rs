@@ -5,9 +5,8 @@ use reqwest::StatusCode;
 
 use crate::harness::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn second_job_on_busy_device_gets_409() {
-    let server = Server::start();
+async fn second_job_on_busy_device_gets_409(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     // No agent runs, so the first job stays queued.
@@ -46,9 +45,8 @@ async fn second_job_on_busy_device_gets_409() {
     assert!(client.init_backup(project, device).await.unwrap().is_some());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn job_for_offline_device_runs_when_agent_returns() {
-    let server = Server::start();
+async fn job_for_offline_device_runs_when_agent_returns(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let (activation, mut agent) = add_device(&server, project, "gw", "").await;
@@ -80,9 +78,8 @@ async fn job_for_offline_device_runs_when_agent_returns() {
     assert_eq!(list[0].job_id, job);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn jobs_survive_server_restart() {
-    let mut server = Server::start();
+async fn jobs_survive_server_restart(store: StoreChoice) {
+    let mut server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let device = client
@@ -101,3 +98,9 @@ async fn jobs_survive_server_restart() {
     assert_eq!(found.device_id, device);
     assert_eq!(client.list_projects().await.unwrap().len(), 1);
 }
+
+e2e_tests!(
+    second_job_on_busy_device_gets_409,
+    job_for_offline_device_runs_when_agent_returns,
+    jobs_survive_server_restart,
+);

@@ -29,9 +29,8 @@ async fn lem(
     (status, response.json().await.unwrap(), job)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn lem_steps_back_up_download_relocate_and_clone() {
-    let server = Server::start();
+async fn lem_steps_back_up_download_relocate_and_clone(store: StoreChoice) {
+    let server = Server::start(&store);
     let project = server.client().create_project("plant").await.unwrap().id;
     let (a, agent_a) = add_device(&server, project, "gw-a", "").await;
     let (b, agent_b) = add_device(&server, project, "gw-b", "").await;
@@ -211,3 +210,5 @@ pub fn identity(state: &std::path::Path) -> Vec<Vec<u8>> {
     .map(|p| std::fs::read(state.join(p)).unwrap())
     .collect()
 }
+
+e2e_tests!(lem_steps_back_up_download_relocate_and_clone,);

@@ -36,9 +36,8 @@ fn tamper(url: &str) -> String {
     String::from_utf8(bytes).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn presigned_urls_checked_for_signature_key_and_expiry() {
-    let server = Server::start();
+async fn presigned_urls_checked_for_signature_key_and_expiry(store: StoreChoice) {
+    let server = Server::start(&store);
     let store = Arc::new(s3_client(&server, None));
     let key = ObjectPath::from("probe/object.bin");
     store
@@ -100,9 +99,8 @@ async fn presigned_urls_checked_for_signature_key_and_expiry() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn download_url_with_changed_signature_refused() {
-    let server = Server::start();
+async fn download_url_with_changed_signature_refused(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let device = client.create_device(project, "d").await.unwrap().device.id;
@@ -131,3 +129,8 @@ async fn download_url_with_changed_signature_refused() {
         .unwrap();
     assert_eq!(put.status(), StatusCode::FORBIDDEN);
 }
+
+e2e_tests!(
+    presigned_urls_checked_for_signature_key_and_expiry,
+    download_url_with_changed_signature_refused,
+);

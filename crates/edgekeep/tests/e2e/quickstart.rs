@@ -2,15 +2,17 @@
 
 use std::process::Command;
 
-use crate::harness::BIN;
+use crate::harness::{BIN, StoreChoice};
 
-#[test]
-fn quickstart_passes_every_check() {
+async fn quickstart_passes_every_check(store: StoreChoice) {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(BIN)
-        .args(["quickstart", "--dir"])
-        .arg(dir.path())
-        .output()
+    let mut command = Command::new(BIN);
+    command.args(["quickstart", "--dir"]).arg(dir.path());
+    // The server that quickstart starts inherits the store variable.
+    store.configure(&mut command);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -25,3 +27,5 @@ fn quickstart_passes_every_check() {
         "{stdout}"
     );
 }
+
+e2e_tests!(quickstart_passes_every_check);

@@ -16,9 +16,8 @@ fn state_tree(agent: &Agent) -> std::collections::BTreeMap<std::path::PathBuf, S
     tree(&agent.state())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn restore_of_corrupt_backup_leaves_target_unchanged() {
-    let server = Server::start();
+async fn restore_of_corrupt_backup_leaves_target_unchanged(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let (a, _agent_a) = add_device(&server, project, "gw-a", "").await;
@@ -57,9 +56,8 @@ async fn restore_of_corrupt_backup_leaves_target_unchanged() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn restore_killed_halfway_leaves_target_unchanged() {
-    let server = Server::start();
+async fn restore_killed_halfway_leaves_target_unchanged(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let (a, _agent_a) = add_device(&server, project, "gw-a", "").await;
@@ -142,9 +140,8 @@ fn add_odd_files(state: &Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn round_trip_keeps_modes_empty_folders_and_odd_names() {
-    let server = Server::start();
+async fn round_trip_keeps_modes_empty_folders_and_odd_names(store: StoreChoice) {
+    let server = Server::start(&store);
     let client = server.client();
     let project = client.create_project("p").await.unwrap().id;
     let (a, agent_a) = add_device(&server, project, "gw-a", "").await;
@@ -179,3 +176,9 @@ async fn round_trip_keeps_modes_empty_folders_and_odd_names() {
         tree(&agent_a.state().join("config"))
     );
 }
+
+e2e_tests!(
+    restore_of_corrupt_backup_leaves_target_unchanged,
+    restore_killed_halfway_leaves_target_unchanged,
+    round_trip_keeps_modes_empty_folders_and_odd_names,
+);
