@@ -9,6 +9,8 @@ use anyhow::Context;
 
 /// Default of `--max-backup-size`: 64 GiB.
 pub const DEFAULT_MAX_BACKUP_SIZE: u64 = 64 << 30;
+/// Default of `--s3-region`.
+pub const DEFAULT_S3_REGION: &str = "us-east-1";
 
 /// Configuration of `edgekeep server`.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,8 +26,24 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Address of the embedded S3 endpoint; port 0 picks a free port.
+    /// Ignored with `--s3-endpoint`.
     #[arg(long, env = "EDGEKEEP_S3_LISTEN", default_value = "127.0.0.1:9000")]
     pub s3_listen: SocketAddr,
+
+    /// URL of an external S3 service, such as `https://s3.example.com`.
+    /// With it, the server keeps objects there and starts no embedded S3
+    /// endpoint.
+    #[arg(long, env = "EDGEKEEP_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region that requests to the external S3 service are signed for.
+    #[arg(long, env = "EDGEKEEP_S3_REGION", default_value = DEFAULT_S3_REGION)]
+    pub s3_region: String,
+
+    /// Address the bucket as a host name (`https://BUCKET.HOST/KEY`) on
+    /// the external S3 service, instead of as the first path segment.
+    #[arg(long, env = "EDGEKEEP_S3_VIRTUAL_HOSTED")]
+    pub s3_virtual_hosted: bool,
 
     /// Base URL of the API as clients reach it, used in messages. Defaults to
     /// the bound API listener.
@@ -33,7 +51,8 @@ pub struct Config {
     pub public_url: Option<String>,
 
     /// Base URL of the S3 endpoint as devices and users reach it, written
-    /// into pre-signed URLs. Defaults to the bound S3 listener.
+    /// into pre-signed URLs. Defaults to `--s3-endpoint`, or else to the
+    /// bound S3 listener.
     #[arg(long, env = "EDGEKEEP_S3_PUBLIC_URL")]
     pub s3_public_url: Option<String>,
 
@@ -63,12 +82,14 @@ pub struct Config {
     )]
     pub admin_token_file: Option<PathBuf>,
 
-    /// Access key of the embedded S3 endpoint. Without it, a key generated
-    /// on first start is kept in `DATA/s3-credentials.json`.
+    /// S3 access key. Without it, the embedded endpoint uses a key
+    /// generated on first start and kept in `DATA/s3-credentials.json`, and
+    /// an external S3 service uses `AWS_ACCESS_KEY_ID`.
     #[arg(long, env = "EDGEKEEP_S3_ACCESS_KEY")]
     pub s3_access_key: Option<String>,
 
-    /// Secret key of the embedded S3 endpoint; needed with `--s3-access-key`.
+    /// S3 secret key; needed with `--s3-access-key`. Without both, an
+    /// external S3 service uses `AWS_SECRET_ACCESS_KEY`.
     #[arg(long, env = "EDGEKEEP_S3_SECRET_KEY", hide_env_values = true)]
     pub s3_secret_key: Option<String>,
 
@@ -114,6 +135,9 @@ impl Config {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             s3_listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            s3_endpoint: None,
+            s3_region: DEFAULT_S3_REGION.to_string(),
+            s3_virtual_hosted: false,
             public_url: None,
             s3_public_url: None,
             bucket: "edgekeep".to_string(),
@@ -156,6 +180,43 @@ impl Config {
             _ => anyhow::bail!(
                 "--s3-access-key and an S3 secret key (--s3-secret-key or --s3-secret-key-file) \
                  must be given together"
+            ),
+        }
+    }
+
+    /// Returns the external S3 endpoint, or `None` for the embedded one.
+    pub fn configured_s3_endpoint(&self) -> anyhow::Result<Option<String>> {
+        let Some(endpoint) = &self.s3_endpoint else {
+            return Ok(None);
+        };
+        let endpoint = endpoint.trim().trim_end_matches('/');
+        anyhow::ensure!(
+            endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+            "--s3-endpoint {endpoint:?} is not an http:// or https:// URL; give the S3 service \
+             URL, such as https://s3.example.com, or leave it unset for the embedded endpoint"
+        );
+        Ok(Some(endpoint.to_string()))
+    }
+
+    /// Returns the access key and secret key for an external S3 service:
+    /// the configured ones, or else `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` as read by `env`.
+    pub fn external_s3_credentials(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<(String, String)> {
+        if let Some(credentials) = self.configured_s3_credentials()? {
+            return Ok(credentials);
+        }
+        let read = |name: &str| env(name).filter(|value| !value.trim().is_empty());
+        match (read("AWS_ACCESS_KEY_ID"), read("AWS_SECRET_ACCESS_KEY")) {
+            (Some(access), Some(secret)) => {
+                Ok((access.trim().to_string(), secret.trim().to_string()))
+            }
+            _ => anyhow::bail!(
+                "missing S3 credentials for --s3-endpoint: set EDGEKEEP_S3_ACCESS_KEY and \
+                 EDGEKEEP_S3_SECRET_KEY (or EDGEKEEP_S3_SECRET_KEY_FILE), or \
+                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ),
         }
     }
@@ -304,6 +365,77 @@ mod tests {
         config.database_url = Some("  ".into());
         let error = config.configured_database_url().unwrap_err();
         assert!(error.to_string().contains("--database-url"), "{error}");
+    }
+
+    fn environment(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        }
+    }
+
+    #[test]
+    fn external_s3_credentials_prefer_configured_keys() {
+        let mut config = Config::new("/data");
+        config.s3_access_key = Some("GKCONFIGURED".into());
+        config.s3_secret_key = Some("configured-secret".into());
+        let aws = environment(&[
+            ("AWS_ACCESS_KEY_ID", "AKIAENV"),
+            ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+        ]);
+        let (access, secret) = config.external_s3_credentials(aws).unwrap();
+        assert_eq!(access, "GKCONFIGURED");
+        assert_eq!(secret, "configured-secret");
+    }
+
+    #[test]
+    fn external_s3_credentials_fall_back_to_aws_variables() {
+        let config = Config::new("/data");
+        let aws = environment(&[
+            ("AWS_ACCESS_KEY_ID", "AKIAENV"),
+            ("AWS_SECRET_ACCESS_KEY", "env-secret\n"),
+        ]);
+        let (access, secret) = config.external_s3_credentials(aws).unwrap();
+        assert_eq!(access, "AKIAENV");
+        assert_eq!(secret, "env-secret");
+    }
+
+    #[test]
+    fn missing_external_s3_credentials_name_variables() {
+        let config = Config::new("/data");
+        let only_access = environment(&[("AWS_ACCESS_KEY_ID", "AKIAENV")]);
+        let error = config
+            .external_s3_credentials(only_access)
+            .unwrap_err()
+            .to_string();
+        for variable in [
+            "EDGEKEEP_S3_ACCESS_KEY",
+            "EDGEKEEP_S3_SECRET_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
+            assert!(error.contains(variable), "{variable} missing in: {error}");
+        }
+    }
+
+    #[test]
+    fn s3_endpoint_must_be_http_url() {
+        let mut config = Config::new("/data");
+        assert_eq!(config.configured_s3_endpoint().unwrap(), None);
+        config.s3_endpoint = Some("https://s3.example.com/".into());
+        assert_eq!(
+            config.configured_s3_endpoint().unwrap().as_deref(),
+            Some("https://s3.example.com")
+        );
+        config.s3_endpoint = Some("s3.example.com".into());
+        let error = config.configured_s3_endpoint().unwrap_err();
+        assert!(error.to_string().contains("--s3-endpoint"), "{error}");
     }
 
     #[test]

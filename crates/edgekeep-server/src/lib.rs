@@ -1,7 +1,7 @@
 //! The edgekeep manager: REST API, agent protocol, job dispatch, upload
 //! validation, the metadata store and the embedded S3 endpoint.
 //!
-//! [`start`] binds both listeners and returns a [`RunningServer`]; [`run`]
+//! [`start`] binds the listeners and returns a [`RunningServer`]; [`run`]
 //! does the same and waits for SIGINT or SIGTERM.
 
 pub mod api;
@@ -65,8 +65,9 @@ pub fn format_time(ms: i64) -> String {
 pub struct RunningServer {
     /// Address the REST API listener is bound to.
     pub api_addr: SocketAddr,
-    /// Address the S3 listener is bound to.
-    pub s3_addr: SocketAddr,
+    /// Address the embedded S3 listener is bound to, or `None` with an
+    /// external S3 service.
+    pub s3_addr: Option<SocketAddr>,
     /// Base URL of the API, as written to `endpoints.json`.
     pub api_url: String,
     /// Base URL of the S3 endpoint as written into pre-signed URLs.
@@ -115,13 +116,16 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the stores, binds both listeners, writes `DATA/endpoints.json` and
-/// starts serving.
+/// Opens the stores, binds the API listener and, without `--s3-endpoint`,
+/// the embedded S3 listener, writes `DATA/endpoints.json` and starts
+/// serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let data_dir = &config.data_dir;
     let objects_dir = data_dir.join("objects");
     let temp_dir = data_dir.join("tmp");
-    for dir in [data_dir, &objects_dir, &temp_dir] {
+    // The embedded endpoint creates `objects/` itself, so an external S3
+    // leaves no empty folder behind.
+    for dir in [data_dir, &temp_dir] {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("failed to create the data folder {}", dir.display()))?;
     }
@@ -143,69 +147,55 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         );
     }
 
-    // Listeners.
+    // Listener and object storage.
     let api_listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
             "failed to bind the API listener on {}; check --listen",
             config.listen
         )
     })?;
-    let s3_listener = TcpListener::bind(config.s3_listen).await.with_context(|| {
-        format!(
-            "failed to bind the S3 listener on {}; check --s3-listen",
-            config.s3_listen
-        )
-    })?;
     let api_addr = api_listener.local_addr()?;
-    let s3_addr = s3_listener.local_addr()?;
     let api_url = config
         .public_url
         .clone()
         .unwrap_or_else(|| url_of(api_addr));
-    let s3_internal_url = url_of(s3_addr);
-    let s3_url = config
-        .s3_public_url
-        .clone()
-        .unwrap_or_else(|| s3_internal_url.clone());
+    let storage = match config.configured_s3_endpoint()? {
+        Some(endpoint) => open_external_s3(&config, &endpoint).await?,
+        None => open_embedded_s3(&config, &objects_dir).await?,
+    };
+    let s3_url = storage.public_url.clone();
+    let s3_addr = storage.embedded.as_ref().map(|embedded| embedded.addr);
 
-    // Embedded S3 endpoint and the clients that use it.
-    let configured = config.configured_s3_credentials()?;
-    let credentials = s3::load_credentials(
-        data_dir,
-        configured.as_ref().map(|(access, _)| access.as_str()),
-        configured.as_ref().map(|(_, secret)| secret.as_str()),
-    )?;
-    let s3_service = s3::build_service(&objects_dir, &config.bucket, &credentials)?;
-    let objects = objects::Objects::new(&objects::S3Settings {
-        internal_url: s3_internal_url,
-        public_url: s3_url.trim_end_matches('/').to_string(),
-        bucket: config.bucket.clone(),
-        access_key: credentials.access_key.clone(),
-        secret_key: credentials.secret_key.clone(),
-    })?;
     let mut manager = Manager::new(
         store,
-        objects,
+        storage.objects,
         config.job_ttl,
         config.activation_ttl,
         temp_dir,
     );
     manager.max_backup_size = config.max_backup_size;
     manager.heartbeat_timeout = config.job_heartbeat_timeout;
-    manager.embedded_bucket_dir = Some((objects_dir.clone(), config.bucket.clone()));
+    if storage.embedded.is_some() {
+        manager.embedded_bucket_dir = Some((objects_dir.clone(), config.bucket.clone()));
+    }
     let manager = Arc::new(manager);
 
     // Serve.
     let shutdown = CancellationToken::new();
-    let mut tasks = vec![
-        serve(
-            api_listener,
-            api::router(manager.clone()),
+    let mut tasks = vec![serve(
+        api_listener,
+        api::router(manager.clone()),
+        shutdown.clone(),
+        "API",
+    )];
+    if let Some(embedded) = storage.embedded {
+        tasks.push(serve(
+            embedded.listener,
+            s3::router(embedded.service),
             shutdown.clone(),
-            "API",
-        ),
-        serve(s3_listener, s3::router(s3_service), shutdown.clone(), "S3"),
-    ];
+            "S3",
+        ));
+    }
     tasks.extend(jobs::spawn_background(manager.clone(), shutdown.clone()));
 
     write_endpoints(data_dir, &api_url, &s3_url)?;
@@ -219,6 +209,111 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         shutdown,
         tasks,
         _data_lock: data_lock,
+    })
+}
+
+/// Object storage of a server: the clients, the S3 base URL written into
+/// pre-signed URLs and, for the embedded endpoint, its listener.
+struct ObjectStorage {
+    objects: objects::Objects,
+    public_url: String,
+    embedded: Option<EmbeddedS3>,
+}
+
+struct EmbeddedS3 {
+    listener: TcpListener,
+    addr: SocketAddr,
+    service: s3s::service::S3Service,
+}
+
+/// Maximum wait for the bucket check at start. By default object_store 0.12
+/// retries a failed connection for up to 3 minutes, so an unreachable
+/// endpoint would otherwise delay the start that long.
+const BUCKET_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Binds the embedded S3 listener over `DATA/objects`, with the configured
+/// or generated credentials.
+async fn open_embedded_s3(config: &Config, objects_dir: &Path) -> anyhow::Result<ObjectStorage> {
+    let listener = TcpListener::bind(config.s3_listen).await.with_context(|| {
+        format!(
+            "failed to bind the S3 listener on {}; check --s3-listen",
+            config.s3_listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let internal_url = url_of(addr);
+    let public_url = config
+        .s3_public_url
+        .clone()
+        .unwrap_or_else(|| internal_url.clone());
+
+    let configured = config.configured_s3_credentials()?;
+    let credentials = s3::load_credentials(
+        &config.data_dir,
+        configured.as_ref().map(|(access, _)| access.as_str()),
+        configured.as_ref().map(|(_, secret)| secret.as_str()),
+    )?;
+    let service = s3::build_service(objects_dir, &config.bucket, &credentials)?;
+    let objects = objects::Objects::new(&objects::S3Settings {
+        internal_url,
+        public_url: public_url.trim_end_matches('/').to_string(),
+        bucket: config.bucket.clone(),
+        access_key: credentials.access_key,
+        secret_key: credentials.secret_key,
+    })?;
+    Ok(ObjectStorage {
+        objects,
+        public_url,
+        embedded: Some(EmbeddedS3 {
+            listener,
+            addr,
+            service,
+        }),
+    })
+}
+
+/// Builds the clients for an external S3 service and checks that the
+/// bucket can be listed with the credentials.
+async fn open_external_s3(config: &Config, endpoint: &str) -> anyhow::Result<ObjectStorage> {
+    let (access_key, secret_key) =
+        config.external_s3_credentials(|name| std::env::var(name).ok())?;
+    let public_url = config
+        .s3_public_url
+        .clone()
+        .unwrap_or_else(|| endpoint.to_string());
+    let addressing = objects::S3Addressing {
+        region: config.s3_region.clone(),
+        virtual_hosted: config.s3_virtual_hosted,
+    };
+    let objects = objects::Objects::with_addressing(
+        &objects::S3Settings {
+            internal_url: endpoint.to_string(),
+            public_url: public_url.trim_end_matches('/').to_string(),
+            bucket: config.bucket.clone(),
+            access_key,
+            secret_key,
+        },
+        &addressing,
+    )?;
+
+    let bucket = &config.bucket;
+    match tokio::time::timeout(BUCKET_CHECK_TIMEOUT, objects.check_bucket()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => anyhow::bail!(
+            "failed to list the bucket {bucket} at the S3 endpoint {endpoint}: {error}; check \
+             --s3-endpoint, --s3-region, --bucket and the S3 credentials"
+        ),
+        Err(_) => anyhow::bail!(
+            "listing the bucket {bucket} at the S3 endpoint {endpoint} timed out after {} s; \
+             check that --s3-endpoint is reachable",
+            BUCKET_CHECK_TIMEOUT.as_secs()
+        ),
+    }
+    tracing::info!(endpoint, bucket, region = %addressing.region, "using an external S3 service");
+    Ok(ObjectStorage {
+        objects,
+        public_url,
+        embedded: None,
     })
 }
 

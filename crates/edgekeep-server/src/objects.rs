@@ -37,6 +37,25 @@ pub struct S3Settings {
     pub secret_key: String,
 }
 
+/// Signing region and addressing style of requests to the bucket. The
+/// default fits the embedded endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct S3Addressing {
+    pub region: String,
+    /// `true` puts the bucket in the host name (`http://BUCKET.HOST/KEY`),
+    /// `false` in the path (`http://HOST/BUCKET/KEY`).
+    pub virtual_hosted: bool,
+}
+
+impl Default for S3Addressing {
+    fn default() -> Self {
+        S3Addressing {
+            region: crate::config::DEFAULT_S3_REGION.to_string(),
+            virtual_hosted: false,
+        }
+    }
+}
+
 /// An object found by [`Objects::list`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredObject {
@@ -53,26 +72,59 @@ pub struct Objects {
     bucket: String,
 }
 
-fn client(endpoint: &str, settings: &S3Settings) -> Result<AmazonS3> {
+fn client(endpoint: &str, settings: &S3Settings, addressing: &S3Addressing) -> Result<AmazonS3> {
+    // object_store 0.12 expects the bucket in the endpoint's host name for
+    // virtual-hosted-style requests.
+    let endpoint = if addressing.virtual_hosted {
+        virtual_hosted_endpoint(endpoint, &settings.bucket)
+    } else {
+        endpoint.to_string()
+    };
     AmazonS3Builder::new()
-        .with_endpoint(endpoint)
+        .with_endpoint(&endpoint)
         .with_bucket_name(&settings.bucket)
-        .with_region("us-east-1")
+        .with_region(&addressing.region)
         .with_access_key_id(&settings.access_key)
         .with_secret_access_key(&settings.secret_key)
         .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
+        .with_virtual_hosted_style_request(addressing.virtual_hosted)
         .build()
         .map_err(|e| Error::internal(format!("invalid S3 endpoint {endpoint}"), e))
 }
 
+/// Puts the bucket in front of the endpoint's host name, so
+/// `https://s3.example.com` becomes `https://BUCKET.s3.example.com`. An
+/// endpoint whose host already starts with the bucket is kept.
+pub fn virtual_hosted_endpoint(endpoint: &str, bucket: &str) -> String {
+    let endpoint = endpoint.trim_end_matches('/');
+    let (scheme, host) = endpoint.split_once("://").unwrap_or(("https", endpoint));
+    if host.starts_with(&format!("{bucket}.")) {
+        return format!("{scheme}://{host}");
+    }
+    format!("{scheme}://{bucket}.{host}")
+}
+
 impl Objects {
+    /// Builds path-style clients signed for `us-east-1`, as the embedded
+    /// endpoint expects.
     pub fn new(settings: &S3Settings) -> Result<Self> {
+        Self::with_addressing(settings, &S3Addressing::default())
+    }
+
+    /// Builds the clients with the given region and addressing style.
+    pub fn with_addressing(settings: &S3Settings, addressing: &S3Addressing) -> Result<Self> {
         Ok(Objects {
-            internal: Arc::new(client(&settings.internal_url, settings)?),
-            public: Arc::new(client(&settings.public_url, settings)?),
+            internal: Arc::new(client(&settings.internal_url, settings, addressing)?),
+            public: Arc::new(client(&settings.public_url, settings, addressing)?),
             bucket: settings.bucket.clone(),
         })
+    }
+
+    /// Lists the top level of the bucket, which fails when the endpoint,
+    /// the bucket or the credentials are wrong.
+    pub async fn check_bucket(&self) -> object_store::Result<()> {
+        self.internal.list_with_delimiter(None).await?;
+        Ok(())
     }
 
     /// Returns the client on the internal endpoint.
@@ -180,5 +232,26 @@ impl Objects {
             .signed_url(method, &Path::from(key), expires_in)
             .await?;
         Ok(url.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_hosted_endpoint_prefixes_bucket() {
+        assert_eq!(
+            virtual_hosted_endpoint("https://s3.example.com/", "edgekeep"),
+            "https://edgekeep.s3.example.com"
+        );
+        assert_eq!(
+            virtual_hosted_endpoint("http://minio.lan:9000", "fleet"),
+            "http://fleet.minio.lan:9000"
+        );
+        assert_eq!(
+            virtual_hosted_endpoint("https://edgekeep.s3.example.com", "edgekeep"),
+            "https://edgekeep.s3.example.com"
+        );
     }
 }

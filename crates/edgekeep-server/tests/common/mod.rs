@@ -12,6 +12,7 @@ use edgekeep_server::{Config, RunningServer};
 
 #[macro_use]
 mod database;
+pub mod garage;
 
 pub use database::StoreChoice;
 

@@ -158,7 +158,7 @@ impl Workflow {
         std::fs::create_dir_all(self.root.join("logs"))?;
 
         // Start a server on free loopback ports with a fresh data folder.
-        println!("\n1. Start a server with the embedded stores");
+        println!("\n1. Start a server on free loopback ports");
         let token = format!("ek_{}", random_hex(32));
         let data_dir = self.root.join("server");
         std::fs::create_dir_all(&data_dir)?;

@@ -1,48 +1,99 @@
-//! The metadata store an end-to-end server runs on: SQLite in its data
-//! folder, or a fresh PostgreSQL database that is dropped when the test ends.
+//! The stores an end-to-end server runs on: SQLite in its data folder with
+//! the embedded S3 endpoint, or a fresh PostgreSQL database with a fresh
+//! Garage S3 cluster, both removed when the test ends.
 
 use std::io::Write;
 use std::sync::Arc;
 
 use edgekeep_server::store::postgres;
 
+pub use crate::garage::Garage;
+
 /// Base URL of the PostgreSQL server used by the tests.
 pub const DATABASE_URL_VARIABLE: &str = "EDGEKEEP_TEST_DATABASE_URL";
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-/// Store of one test run. Clones share the database, which is dropped with
-/// the last clone.
+/// Bucket of the Garage variant, other than the default `edgekeep` so that
+/// the tests also cover `--bucket`.
+pub const GARAGE_BUCKET: &str = "edgekeep-e2e";
+
+/// Variables that point a server at object storage. They are removed for
+/// the embedded endpoint, so values in the caller's environment are ignored.
+const S3_VARIABLES: [&str; 8] = [
+    "EDGEKEEP_S3_ENDPOINT",
+    "EDGEKEEP_S3_REGION",
+    "EDGEKEEP_S3_VIRTUAL_HOSTED",
+    "EDGEKEEP_S3_ACCESS_KEY",
+    "EDGEKEEP_S3_SECRET_KEY",
+    "EDGEKEEP_S3_SECRET_KEY_FILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+];
+
+/// Stores of one test run. Clones share the database and the Garage
+/// cluster, which are removed with the last clone.
 #[derive(Clone)]
 pub enum StoreChoice {
+    /// SQLite and the embedded S3 endpoint.
     Sqlite,
-    Postgres(Arc<TestDatabase>),
+    /// PostgreSQL and an external S3 service (Garage).
+    Postgres(Arc<TestDatabase>, Arc<Garage>),
 }
 
 impl StoreChoice {
-    /// Creates a fresh PostgreSQL database. Returns `None`, after printing
-    /// why, when PostgreSQL cannot be reached and `CI` is not `true`.
+    /// Starts a Garage cluster and creates a fresh PostgreSQL database.
+    /// Returns `None`, after printing why, when Garage is not installed or
+    /// PostgreSQL cannot be reached and `CI` is not `true`.
     pub async fn postgres() -> Option<StoreChoice> {
-        TestDatabase::create()
+        let garage = tokio::task::spawn_blocking(|| Garage::start(GARAGE_BUCKET))
             .await
-            .map(|database| StoreChoice::Postgres(Arc::new(database)))
+            .unwrap()?;
+        let database = TestDatabase::create().await?;
+        Some(StoreChoice::Postgres(Arc::new(database), Arc::new(garage)))
     }
 
     /// Returns the value for `EDGEKEEP_DATABASE_URL`, or `None` for SQLite.
     pub fn database_url(&self) -> Option<String> {
         match self {
             StoreChoice::Sqlite => None,
-            StoreChoice::Postgres(database) => Some(database.url.clone()),
+            StoreChoice::Postgres(database, _) => Some(database.url.clone()),
         }
     }
 
-    /// Points a command that starts a server at this store. The variable is
-    /// removed for SQLite, so a value in the caller's environment is ignored.
+    /// Returns the external S3 cluster, or `None` for the embedded endpoint.
+    pub fn garage(&self) -> Option<&Garage> {
+        match self {
+            StoreChoice::Sqlite => None,
+            StoreChoice::Postgres(_, garage) => Some(garage),
+        }
+    }
+
+    /// Points a command that starts a server at these stores through
+    /// environment variables: `EDGEKEEP_*` for the database, the S3
+    /// endpoint, region and bucket, and `AWS_*` for the S3 credentials.
     pub fn configure(&self, command: &mut std::process::Command) {
         match self.database_url() {
             Some(url) => command.env("EDGEKEEP_DATABASE_URL", url),
             None => command.env_remove("EDGEKEEP_DATABASE_URL"),
         };
         command.env_remove("EDGEKEEP_DATABASE_URL_FILE");
+
+        for variable in S3_VARIABLES {
+            command.env_remove(variable);
+        }
+        match self.garage() {
+            Some(garage) => {
+                command
+                    .env("EDGEKEEP_S3_ENDPOINT", &garage.endpoint)
+                    .env("EDGEKEEP_S3_REGION", &garage.region)
+                    .env("EDGEKEEP_BUCKET", &garage.bucket)
+                    .env("AWS_ACCESS_KEY_ID", &garage.access_key)
+                    .env("AWS_SECRET_ACCESS_KEY", &garage.secret_key);
+            }
+            None => {
+                command.env_remove("EDGEKEEP_BUCKET");
+            }
+        }
     }
 }
 
@@ -117,7 +168,8 @@ impl Drop for TestDatabase {
 }
 
 /// Generates a `sqlite` and a `postgres` test module, each with one test per
-/// named function. Each function takes a [`StoreChoice`].
+/// named function. Each function takes a [`StoreChoice`]: SQLite with the
+/// embedded S3 endpoint, or PostgreSQL with Garage.
 macro_rules! e2e_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {

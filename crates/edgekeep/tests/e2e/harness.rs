@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgekeep_api::{Backup, Client, DeviceActivation, Job};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use tempfile::TempDir;
 
 pub use crate::database::StoreChoice;
@@ -64,13 +65,20 @@ impl Server {
         command
             .args(["server", "--data-dir"])
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0", "--s3-listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0"])
             .env("EDGEKEEP_ADMIN_TOKEN", &self.token)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         self.store.configure(&mut command);
+        match self.store.garage() {
+            Some(garage) => command
+                .args(["--s3-endpoint", &garage.endpoint])
+                .args(["--s3-region", &garage.region])
+                .args(["--bucket", &garage.bucket]),
+            None => command.args(["--s3-listen", "127.0.0.1:0"]),
+        };
         let child = command.spawn().unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + STEP_TIMEOUT;
@@ -100,6 +108,45 @@ impl Server {
 
     pub fn client(&self) -> Client {
         Client::new(&self.api, &self.token)
+    }
+
+    /// Returns the bucket that contains the server's objects.
+    pub fn bucket(&self) -> &str {
+        self.store
+            .garage()
+            .map_or("edgekeep", |garage| garage.bucket.as_str())
+    }
+
+    /// Returns an S3 client on the server's bucket with the server's access
+    /// key, and `secret` in place of its secret key when given: the
+    /// generated key of the embedded endpoint, or the Garage key.
+    pub fn s3_client(&self, secret: Option<&str>) -> AmazonS3 {
+        let (access_key, secret_key, region) = match self.store.garage() {
+            Some(garage) => (
+                garage.access_key.clone(),
+                garage.secret_key.clone(),
+                garage.region.clone(),
+            ),
+            None => {
+                let path = self.data_dir().join("s3-credentials.json");
+                let text = std::fs::read_to_string(&path).unwrap();
+                let credentials: serde_json::Value = serde_json::from_str(&text).unwrap();
+                (
+                    credentials["accessKey"].as_str().unwrap().to_string(),
+                    credentials["secretKey"].as_str().unwrap().to_string(),
+                    "us-east-1".to_string(),
+                )
+            }
+        };
+        AmazonS3Builder::new()
+            .with_endpoint(&self.s3)
+            .with_allow_http(true)
+            .with_region(region)
+            .with_bucket_name(self.bucket())
+            .with_access_key_id(access_key)
+            .with_secret_access_key(secret.unwrap_or(&secret_key))
+            .build()
+            .unwrap()
     }
 
     pub fn kill(&mut self) {

@@ -3,10 +3,13 @@
 
 #[macro_use]
 mod database;
+#[path = "../../../edgekeep-server/tests/common/garage.rs"]
+mod garage;
 mod harness;
 
 mod auth;
 mod cli;
+mod external_s3;
 mod imports;
 mod jobs;
 mod lem;

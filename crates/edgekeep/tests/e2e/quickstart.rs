@@ -8,7 +8,7 @@ async fn quickstart_passes_every_check(store: StoreChoice) {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(BIN);
     command.args(["quickstart", "--dir"]).arg(dir.path());
-    // The server that quickstart starts inherits the store variable.
+    // The server that quickstart starts inherits the store variables.
     store.configure(&mut command);
     let output = tokio::task::spawn_blocking(move || command.output())
         .await

@@ -8,6 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edgekeep_api::JobState;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
 
 use crate::harness::*;
 
@@ -25,14 +27,22 @@ async fn restore_of_corrupt_backup_leaves_target_unchanged(store: StoreChoice) {
     let backup = backup(&server, project, a.device.id).await;
 
     // Damage the stored object behind the server's back.
-    let stored = server.data_dir().join(format!(
-        "objects/edgekeep/backups/{project}/{}/MASTER/{}.dat",
+    let s3 = server.s3_client(None);
+    let stored = ObjectPath::from(format!(
+        "backups/{project}/{}/MASTER/{}.dat",
         a.device.id, backup.timestamp
     ));
-    let mut bytes = std::fs::read(&stored).expect("the backup is stored under its key");
+    let mut bytes = s3
+        .get(&stored)
+        .await
+        .expect("the backup is stored under its key")
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
-    std::fs::write(&stored, bytes).unwrap();
+    s3.put(&stored, PutPayload::from(bytes)).await.unwrap();
 
     let before = state_tree(&agent_b);
     let job = client
