@@ -15,7 +15,10 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "edgekeep",
     version,
-    about = "Backup and restore for fleets of edge devices"
+    about = "Backup and restore for fleets of edge devices",
+    after_help = "Exit codes: 0 success, 1 failure, 2 invalid arguments, 3 not found, \
+                  4 token missing, invalid or not allowed, 5 conflict with a queued or running \
+                  job, 6 server unreachable."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -48,13 +51,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Exit quietly when the reader of our output goes away, as in
-    // `edgekeep job list | head`, instead of panicking on EPIPE.
-    // SAFETY: setting a signal disposition before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Server(_) | Command::Agent(_)) {
+        // Let a CLI command exit quietly when the reader of its output goes
+        // away, as in `edgekeep job list | head`, instead of panicking on
+        // EPIPE. The server and agent keep ignoring SIGPIPE, because a peer
+        // that drops a connection must not kill them.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(&cli.command);
     let result = match cli.command {
         Command::Archive(command) => archive_cmd::run(command),
@@ -64,9 +71,36 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            let status = err
+                .downcast_ref::<edgekeep_api::ApiError>()
+                .map(|api| api.status);
+            if json_requested() {
+                let body = serde_json::json!({"status": status, "message": format!("{err:#}")});
+                eprintln!("{body}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
+            ExitCode::from(exit_code(status))
         }
+    }
+}
+
+/// True when the command line asks for JSON output, so errors are JSON too.
+fn json_requested() -> bool {
+    std::env::args().any(|arg| arg == "--json")
+}
+
+/// Exit code for a failure: 3 when something was not found, 4 when the token
+/// was missing, invalid or not allowed, 5 on a conflict with a running job,
+/// 6 when the server could not be reached, and 1 for anything else (2 is
+/// clap's code for invalid arguments).
+fn exit_code(status: Option<u16>) -> u8 {
+    match status {
+        Some(404) => 3,
+        Some(401 | 403) => 4,
+        Some(409) => 5,
+        Some(0) => 6,
+        _ => 1,
     }
 }
 

@@ -63,7 +63,8 @@ enum BackupCommand {
         /// Backup type; MASTER is a full device backup.
         #[arg(long = "type", default_value = BACKUP_TYPE_MASTER)]
         backup_type: String,
-        /// File to write. Default: device-ID-TIMESTAMP.dat in the current folder.
+        /// File to write, or - for standard output. Default:
+        /// device-ID-TIMESTAMP.dat in the current folder.
         #[arg(long, short)]
         out: Option<PathBuf>,
         /// Print the pre-signed URL instead of downloading.
@@ -135,6 +136,10 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
                 println!("{url}");
                 return Ok(());
             }
+            if out.as_deref() == Some(std::path::Path::new("-")) {
+                transfer::download_to_stdout(&url).await?;
+                return Ok(());
+            }
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!("device-{}-{timestamp}.dat", target.device))
             });
@@ -153,6 +158,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
             backup_type,
             wait,
         } => {
+            check_archive_magic(&file)?;
             if !file.is_file() {
                 anyhow::bail!(
                     "{} is not a file; pass the path of a .dat backup",
@@ -182,6 +188,30 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
             finish_job_command(&connection, &client, job, &wait, "restore").await
         }
     }
+}
+
+/// Rejects a file that does not start like a `.dat` archive before
+/// anything is uploaded; the server verifies the whole file afterwards.
+fn check_archive_magic(file: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let read = std::fs::File::open(file)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .with_context(|| {
+            format!(
+                "cannot read {}; pass the path of a .dat backup",
+                file.display()
+            )
+        });
+    read?;
+    if &magic != b"EDGEKEEP" {
+        anyhow::bail!(
+            "{} is not an edgekeep .dat archive (it does not start with EDGEKEEP); \
+             pass a file from `edgekeep backup download`",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// Prints the queued job, or follows it with `--wait`.

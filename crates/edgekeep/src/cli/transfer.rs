@@ -73,6 +73,28 @@ pub async fn download(url: &str, out: &Path, quiet: bool) -> anyhow::Result<u64>
     Ok(written)
 }
 
+/// Streams `url` to standard output, for piping a backup into another tool.
+pub async fn download_to_stdout(url: &str) -> anyhow::Result<u64> {
+    let response = reqwest::get(url)
+        .await
+        .with_context(|| format!("GET {} failed", redact(url)))?;
+    let status = response.status();
+    if !status.is_success() {
+        anyhow::bail!("GET {} returned HTTP {status}", redact(url));
+    }
+    // The CLI runs one task, so blocking writes to stdout hold up nothing.
+    let mut stdout = std::io::stdout().lock();
+    let mut written = 0u64;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.with_context(|| format!("download of {} broke off", redact(url)))?;
+        std::io::Write::write_all(&mut stdout, &chunk)?;
+        written += chunk.len() as u64;
+    }
+    std::io::Write::flush(&mut stdout)?;
+    Ok(written)
+}
+
 /// Uploads the file at `path` to `url` with one streamed PUT.
 pub async fn upload(url: &str, path: &Path, quiet: bool) -> anyhow::Result<u64> {
     let file = tokio::fs::File::open(path)

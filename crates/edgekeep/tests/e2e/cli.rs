@@ -164,7 +164,7 @@ async fn cli_failed_job_exits_nonzero_with_reason(store: StoreChoice) {
             .unwrap()
             .to_string();
     let garbage = server.dir.path().join("garbage.dat");
-    std::fs::write(&garbage, b"this is not an edgekeep archive").unwrap();
+    std::fs::write(&garbage, b"EDGEKEEP but nothing of an archive after it").unwrap();
     let output = edgekeep(
         &server,
         &[
@@ -178,12 +178,99 @@ async fn cli_failed_job_exits_nonzero_with_reason(store: StoreChoice) {
             "--wait",
         ],
     );
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("failed"), "{stderr}");
+    assert!(stderr.contains("422"), "{stderr}");
+}
+
+async fn cli_rejects_non_archive_before_upload(store: StoreChoice) {
+    let server = Server::start(&store);
+    let project = edgekeep_json(&server, &["project", "create", "plant"])["id"].to_string();
+    let device =
+        edgekeep_json(&server, &["device", "create", "--project", &project, "gw"])["device"]["id"]
+            .to_string();
+    let text = server.dir.path().join("notes.txt");
+    std::fs::write(&text, "plain text").unwrap();
+    let args = [
+        "backup",
+        "upload",
+        "--project",
+        &project,
+        "--device",
+        &device,
+    ];
+    let output = edgekeep(&server, &[&args[..], &[text.to_str().unwrap()]].concat());
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not an edgekeep .dat archive"), "{stderr}");
+    let jobs = edgekeep_json(&server, &["job", "list", "--project", &project]);
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        0,
+        "no import job was queued"
+    );
+}
+
+async fn cli_exit_codes_and_json_errors(store: StoreChoice) {
+    let server = Server::start(&store);
+    let output = edgekeep(&server, &["job", "show", "9999", "--json"]);
+    assert_eq!(output.status.code(), Some(3), "not found");
+    let error: Value = serde_json::from_slice(&output.stderr).unwrap();
+    assert_eq!(error["status"], 404);
+    assert!(
+        error["message"].as_str().unwrap().contains("9999"),
+        "{error}"
+    );
+
+    let output = Command::new(BIN)
+        .args(["project", "list"])
+        .env("EDGEKEEP_URL", &server.api)
+        .env("EDGEKEEP_TOKEN", "ek_wrong")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4), "rejected token");
+
+    let output = Command::new(BIN)
+        .args([
+            "project",
+            "list",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "ek_x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(6), "server unreachable");
+}
+
+async fn cli_download_to_stdout_streams_archive(store: StoreChoice) {
+    let server = Server::start(&store);
+    let client = server.client();
+    let project = client.create_project("p").await.unwrap().id;
+    let device = client.create_device(project, "d").await.unwrap().device.id;
+    let bytes = crate::imports::valid_archive(server.dir.path(), &server.dir.path().join("a.dat"));
+    let job = crate::imports::import(&server, project, device, bytes.clone()).await;
+    let timestamp = job.timestamp.unwrap().to_string();
+    let (p, d) = (project.to_string(), device.to_string());
+    let args = ["backup", "download", "--project", &p, "--device", &d];
+    let output = edgekeep(
+        &server,
+        &[&args[..], &["--timestamp", &timestamp, "-o", "-"]].concat(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.stdout, bytes);
 }
 
 e2e_tests!(
     cli_backs_up_downloads_uploads_and_restores,
     cli_failed_job_exits_nonzero_with_reason,
+    cli_rejects_non_archive_before_upload,
+    cli_exit_codes_and_json_errors,
+    cli_download_to_stdout_streams_archive,
 );

@@ -99,7 +99,30 @@ async fn jobs_survive_server_restart(store: StoreChoice) {
     assert_eq!(client.list_projects().await.unwrap().len(), 1);
 }
 
+/// True when the process ignores SIGPIPE, read from `SigIgn` in
+/// /proc/PID/status (SIGPIPE is signal 13, so bit 12 of the mask).
+fn ignores_sigpipe(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    mask & (1 << 12) != 0
+}
+
+/// A dropped storage or server connection must never kill the agent or the
+/// server through SIGPIPE, because they run unattended.
+async fn agent_and_server_survive_broken_pipes(store: StoreChoice) {
+    let server = Server::start(&store);
+    let project = server.client().create_project("p").await.unwrap().id;
+    let (_, agent) = add_device(&server, project, "gw", "").await;
+    assert!(ignores_sigpipe(agent.pid()), "the agent ignores SIGPIPE");
+    assert!(ignores_sigpipe(server.pid()), "the server ignores SIGPIPE");
+}
+
 e2e_tests!(
+    agent_and_server_survive_broken_pipes,
     second_job_on_busy_device_gets_409,
     job_for_offline_device_runs_when_agent_returns,
     jobs_survive_server_restart,
