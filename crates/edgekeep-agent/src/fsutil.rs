@@ -106,18 +106,11 @@ fn make_tree_writable(dir: &Path) {
     }
 }
 
-/// Method [`copy_entry`] uses for regular files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FileCopy {
-    /// A hard link to the same inode: cheap, and the content stays identical.
-    HardLink,
-    /// A new file with the same content and mode.
-    Copy,
-}
-
 /// Recreates `from` (file, symlink or folder with everything below it) at
-/// `to`, whose parent exists. Folders and copied files keep their modes.
-pub(crate) fn copy_entry(from: &Path, to: &Path, files: FileCopy) -> Result<()> {
+/// `to`, whose parent exists. Regular files are copied with their mode and
+/// modification time, and folders keep their modes. A FIFO, socket or
+/// device node is hard-linked, because it has no content to copy.
+pub(crate) fn copy_entry(from: &Path, to: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(from).at("reading", from)?;
     let kind = meta.file_type();
     if kind.is_symlink() {
@@ -127,24 +120,57 @@ pub(crate) fn copy_entry(from: &Path, to: &Path, files: FileCopy) -> Result<()> 
         fs::create_dir(to).at("creating folder", to)?;
         for entry in fs::read_dir(from).at("listing", from)? {
             let entry = entry.at("listing", from)?;
-            copy_entry(&entry.path(), &to.join(entry.file_name()), files)?;
+            copy_entry(&entry.path(), &to.join(entry.file_name()))?;
         }
         fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
             .at("setting mode of", to)
     } else if kind.is_file() {
-        match files {
-            FileCopy::HardLink => fs::hard_link(from, to).at("hard-linking", to),
-            FileCopy::Copy => {
-                fs::copy(from, to).at("copying", to)?;
-                fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                    .at("setting mode of", to)
-            }
-        }
+        copy_file(from, to, &meta)
     } else {
-        // A FIFO, socket or device node has no content to copy; a hard link
-        // keeps the same node, so a listening socket stays reachable.
+        // A hard link keeps the same node, so a listening socket stays
+        // reachable.
         fs::hard_link(from, to).at("hard-linking", to)
     }
+}
+
+/// Copies the regular file `from` (with metadata `meta`) to `to` as a new
+/// inode, so later writes to either leave the other unchanged.
+fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
+    fs::copy(from, to).at("copying", to)?;
+    fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .at("setting mode of", to)?;
+    set_mtime(to, meta.mtime(), meta.mtime_nsec())
+}
+
+/// Sets the modification time of `path` without following a symlink and
+/// without opening it, so a file with mode 0000 works too. The access time
+/// stays.
+fn set_mtime(path: &Path, seconds: i64, nanoseconds: i64) -> Result<()> {
+    let c_path = c_path(path)?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: seconds,
+            tv_nsec: nanoseconds,
+        },
+    ];
+    // SAFETY: the path is a valid NUL-terminated string and `times` contains
+    // the two entries utimensat reads.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).at("setting modification time of", path);
+    }
+    Ok(())
 }
 
 /// Returns why an archive cannot hold the entry at `path` (relative path

@@ -25,7 +25,10 @@ pub use config::{AgentConfig, Hook, Hooks, SqliteDatabase};
 pub use error::{Error, Result};
 pub use home::{AgentHome, Credential};
 pub use hooks::{HookContext, run_hook};
-pub use journal::{INTERRUPTED_REASON, Journal, JournalPhase, recover, remove_journal};
+pub use journal::{
+    INTERRUPTED_BEFORE_SWAP_REASON, INTERRUPTED_REASON, Journal, JournalPhase, recover,
+    remove_journal,
+};
 pub use pack::{PackedState, SkippedEntry, pack_state, pack_state_for_job};
 pub use process::HookProcess;
 pub use restore::{RestoreTarget, check_compatible, restore_archive};

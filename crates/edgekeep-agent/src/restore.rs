@@ -10,10 +10,12 @@ use edgekeep_archive::{ArchivePath, FORMAT_VERSION, Manifest, Progress};
 use crate::config::{AgentConfig, Hook};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::archive_cannot_hold;
-use crate::fsutil::{FileCopy, copy_entry, create_parents, exchange, inode, remove_any};
+use crate::fsutil::{copy_entry, create_parents, exchange, inode, remove_any};
 use crate::home::AgentHome;
 use crate::hooks::{HookContext, run_hook, run_hook_observed};
-use crate::journal::{Journal, JournalPhase, swap_back_if_swapped};
+use crate::journal::{
+    Journal, JournalPhase, remove_journal, run_post_restore_on_previous, swap_back_if_swapped,
+};
 use crate::process::HookProcess;
 use crate::selection::{Class, SQLITE_SIDE_FILES, Selection, is_within};
 use crate::version::compare_versions;
@@ -45,7 +47,7 @@ const UNPACK_SPAN: (f64, f64) = (0.7, 0.9);
 /// Nothing in the state changes before the archive has passed a full
 /// verification, the compatibility check, the `pre_restore` hook, unpacking
 /// and a check of the staged tree. A failure before the swap deletes the
-/// staging folder. A failure of `post_restore`, or `cancelled` turning true
+/// staging folder and the journal. A failure of `post_restore`, or `cancelled` turning true
 /// before it runs, swaps the old state back. After a swap the journal is
 /// left in phase `committed` or `rolled_back` for the caller to report and
 /// remove.
@@ -67,21 +69,29 @@ pub fn restore_archive(
     check_compatible(&manifest, target.arch, target.platform_version)?;
     check_cancelled(cancelled)?;
 
-    if let Some(hook) = &target.config.hooks.pre_restore {
-        run_hook("pre_restore", hook, hook_context)?;
-    }
-
-    // Stage the complete new state; any failure leaves the state untouched.
+    // Journal the restore before pre_restore can stop services, so that
+    // recovery after a crash starts them again.
     let staging = target.home.staging_path(job_id);
-    let staged = stage(target, &manifest, archive, &staging, cancelled, progress);
-    if let Err(err) = staged {
-        let _ = remove_any(&staging);
-        run_post_restore_after_failure(target, hook_context);
+    let pre_restore = target.config.hooks.pre_restore.as_ref();
+    let mut journal = Journal::staging(job_id, target.state_dir, &staging, pre_restore.is_some());
+    journal.write(target.home)?;
+    if let Some(hook) = pre_restore
+        && let Err(err) = run_hook("pre_restore", hook, hook_context)
+    {
+        remove_journal(target.home)?;
         return Err(err);
     }
 
-    // Swap, then let post_restore decide.
-    let mut journal = swap_in(target, job_id, &staging)?;
+    // Stage the complete new state and swap it in. Any failure leaves the
+    // state untouched.
+    let swapped = stage(target, &manifest, archive, &staging, cancelled, progress)
+        .and_then(|()| swap_in(target, &mut journal));
+    if let Err(err) = swapped {
+        fail_before_swap(target, &mut journal, hook_context, &err)?;
+        return Err(err);
+    }
+
+    // Let post_restore decide.
     progress(0.95);
     let post = match &target.config.hooks.post_restore {
         _ if cancelled.load(Ordering::SeqCst) => Err(Error::Cancelled),
@@ -90,6 +100,7 @@ pub fn restore_archive(
     };
     match post {
         Ok(()) => {
+            journal.post_restore_done = true;
             journal.advance(target.home, JournalPhase::Committed)?;
             remove_any(&staging)?;
             tracing::info!(
@@ -102,7 +113,7 @@ pub fn restore_archive(
         }
         Err(err) => {
             roll_back(target, &mut journal, &err)?;
-            run_post_restore_after_failure(target, hook_context);
+            run_post_restore_after_failure(target, hook_context, &mut journal)?;
             Err(err)
         }
     }
@@ -218,15 +229,13 @@ fn is_identity(identity: &[String], path: &ArchivePath) -> bool {
 }
 
 /// Brings the entries of the current state that the backup does not cover
-/// into `staging`: hard links for regular files and special files, new
-/// folders and symlinks. The backup does not cover excluded and unlisted
+/// into `staging`: copies of regular files, folders and symlinks, and hard
+/// links for special files. The backup does not cover excluded and unlisted
 /// paths, nor the entries it cannot hold (FIFOs, sockets, device nodes and
 /// symlinks that leave the state), which a backup always skips. Where the
 /// backup contains the same path, the backup's entry stays.
-///
-/// NOTE: a hard-linked file shares its inode with the rollback copy, so a
-/// `post_restore` hook that rewrites such a file in place, rather than by
-/// rename, also changes the copy a rollback puts back.
+/// Regular files are copied rather than hard-linked, so a `post_restore`
+/// hook that appends to one leaves the rollback copy as it was.
 fn keep_current_entries(
     selection: &Selection,
     state_dir: &Path,
@@ -260,7 +269,7 @@ fn keep_current_entries(
     Ok(())
 }
 
-/// Links or recreates the current state's `rel` in `staging`, unless the
+/// Copies or links the current state's `rel` into `staging`, unless the
 /// backup already put an entry there.
 fn carry_over(state_dir: &Path, staging: &Path, rel: &str) -> Result<()> {
     let to = staging.join(rel);
@@ -269,7 +278,7 @@ fn carry_over(state_dir: &Path, staging: &Path, rel: &str) -> Result<()> {
         return Ok(());
     }
     create_parents(state_dir, staging, rel)?;
-    copy_entry(&state_dir.join(rel), &to, FileCopy::HardLink)
+    copy_entry(&state_dir.join(rel), &to)
 }
 
 /// Replaces the backup's identity paths in `staging` with copies of this
@@ -281,31 +290,49 @@ fn keep_identity(target: RestoreTarget<'_>, staging: &Path) -> Result<()> {
         let current = target.state_dir.join(id);
         if std::fs::symlink_metadata(&current).is_ok() {
             create_parents(target.state_dir, staging, id)?;
-            copy_entry(&current, &staged, FileCopy::Copy)?;
+            copy_entry(&current, &staged)?;
         }
         tracing::debug!(path = %id, "kept this device's identity path");
     }
     Ok(())
 }
 
-/// Journals the swap, exchanges staging and the state folder, and journals
-/// that the old state now sits at the staging path.
-fn swap_in(target: RestoreTarget<'_>, job_id: i64, staging: &Path) -> Result<Journal> {
-    let mut journal = Journal::new(job_id, target.state_dir, staging, inode(staging)?);
-    let swapped = journal
-        .write(target.home)
-        .and_then(|()| exchange(staging, target.state_dir));
-    if let Err(err) = swapped {
-        // The journal write or the exchange failed; settle both before
-        // leaving so no journal points at a deleted staging folder.
-        swap_back_if_swapped(&journal)?;
-        remove_any(staging)?;
-        crate::journal::remove_journal(target.home)?;
-        return Err(err);
-    }
+/// Journals the swap with the staging folder's inode, exchanges staging and
+/// the state folder, and journals that the old state now sits at the
+/// staging path.
+fn swap_in(target: RestoreTarget<'_>, journal: &mut Journal) -> Result<()> {
+    journal.staging_inode = inode(&journal.staging)?;
+    journal.advance(target.home, JournalPhase::Swapping)?;
+    exchange(&journal.staging, target.state_dir)?;
     journal.advance(target.home, JournalPhase::Swapped)?;
-    tracing::info!(job_id, "swapped the new state in");
-    Ok(journal)
+    tracing::info!(job_id = journal.job_id, "swapped the new state in");
+    Ok(())
+}
+
+/// Settles a restore that failed before its swap was journaled as done:
+/// swaps the old state back if the exchange happened, deletes the staging
+/// folder, runs `post_restore` on the unchanged state and deletes the
+/// journal. When the swap back fails, the staging folder and the journal
+/// stay for recovery.
+fn fail_before_swap(
+    target: RestoreTarget<'_>,
+    journal: &mut Journal,
+    context: HookContext<'_>,
+    err: &Error,
+) -> Result<()> {
+    swap_back_if_swapped(journal)?;
+    journal.phase = JournalPhase::Staging;
+    journal.staging_inode = 0;
+    journal.reason = Some(err.to_string());
+    if let Err(remove_err) = remove_any(&journal.staging) {
+        tracing::warn!(
+            job_id = journal.job_id,
+            error = %remove_err,
+            "deleting the staging folder failed; the next agent start deletes it"
+        );
+    }
+    run_post_restore_after_failure(target, context, journal)?;
+    remove_journal(target.home)
 }
 
 /// Runs `post_restore` with its process group recorded in the journal, so
@@ -328,6 +355,7 @@ fn run_journaled_hook(
 /// Puts the old state back after a swap and records why.
 fn roll_back(target: RestoreTarget<'_>, journal: &mut Journal, err: &Error) -> Result<()> {
     swap_back_if_swapped(journal)?;
+    journal.post_restore_done = false;
     journal.reason = Some(format!("{err}; the previous state was put back"));
     journal.advance(target.home, JournalPhase::RolledBack)?;
     remove_any(&journal.staging)?;
@@ -335,13 +363,16 @@ fn roll_back(target: RestoreTarget<'_>, journal: &mut Journal, err: &Error) -> R
     Ok(())
 }
 
-/// Runs `post_restore` on the unchanged state after a failed restore, so
+/// Runs `post_restore` on the previous state after a failed restore, so
 /// services that `pre_restore` stopped start again. Its own failure is only
-/// logged.
-fn run_post_restore_after_failure(target: RestoreTarget<'_>, context: HookContext<'_>) {
-    if let Some(hook) = &target.config.hooks.post_restore
-        && let Err(err) = run_hook("post_restore", hook, context)
-    {
-        tracing::warn!(error = %err, "post_restore hook failed on the previous state");
+/// logged, and its end is journaled so recovery does not run it again.
+fn run_post_restore_after_failure(
+    target: RestoreTarget<'_>,
+    context: HookContext<'_>,
+    journal: &mut Journal,
+) -> Result<()> {
+    match &target.config.hooks.post_restore {
+        Some(hook) => run_post_restore_on_previous(target.home, hook, context, journal),
+        None => Ok(()),
     }
 }

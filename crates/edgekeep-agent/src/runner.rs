@@ -84,8 +84,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     // Then delete the work files of jobs that a kill cut short.
     let recovered = {
         let (home, state_dir) = (home.clone(), state_dir.clone());
+        let post_restore = config.hooks.post_restore.clone();
         tokio::task::spawn_blocking(move || {
-            let recovered = recover(&home, &state_dir)?;
+            let recovered = recover(&home, &state_dir, post_restore.as_ref())?;
             let keep = recovered.as_ref().map(|journal| journal.staging.as_path());
             home.remove_leftovers(keep)?;
             Ok::<_, Error>(recovered)

@@ -3,7 +3,10 @@
 mod common;
 
 use common::{Device, IDENTITY_CONFIG, snapshot_tree};
-use edgekeep_agent::{INTERRUPTED_REASON, Journal, JournalPhase, exchange_paths, recover};
+use edgekeep_agent::{
+    INTERRUPTED_BEFORE_SWAP_REASON, INTERRUPTED_REASON, Journal, JournalPhase, exchange_paths,
+    recover,
+};
 
 /// Prepares `device` as a restore would just before the swap: its state
 /// populated as "old", and a complete new state in the staging folder.
@@ -41,7 +44,7 @@ fn swapping_before_swap_keeps_state() {
     let (old, _) = stage_by_hand(&device, 1);
     write_journal(&device, 1, JournalPhase::Swapping);
 
-    let recovered = recover(&device.home, &device.state).unwrap();
+    let recovered = recover(&device.home, &device.state, None).unwrap();
     assert_eq!(snapshot_tree(&device.state), old);
     assert_rolled_back(&device, 1, recovered);
 }
@@ -54,7 +57,7 @@ fn swapping_after_swap_swaps_back() {
     exchange_paths(&device.home.staging_path(2), &device.state).unwrap();
     assert_eq!(snapshot_tree(&device.state), new);
 
-    let recovered = recover(&device.home, &device.state).unwrap();
+    let recovered = recover(&device.home, &device.state, None).unwrap();
     assert_eq!(snapshot_tree(&device.state), old);
     assert_rolled_back(&device, 2, recovered);
 }
@@ -69,16 +72,20 @@ fn swapped_swaps_back() {
         .advance(&device.home, JournalPhase::Swapped)
         .unwrap();
 
-    let recovered = recover(&device.home, &device.state).unwrap();
+    let recovered = recover(&device.home, &device.state, None).unwrap();
     assert_eq!(snapshot_tree(&device.state), old);
     assert_rolled_back(&device, 3, recovered);
 
     // A second start before the report changes nothing.
-    let again = recover(&device.home, &device.state).unwrap();
+    let again = recover(&device.home, &device.state, None).unwrap();
     assert_eq!(snapshot_tree(&device.state), old);
     assert_rolled_back(&device, 3, again);
     edgekeep_agent::remove_journal(&device.home).unwrap();
-    assert!(recover(&device.home, &device.state).unwrap().is_none());
+    assert!(
+        recover(&device.home, &device.state, None)
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
@@ -94,7 +101,7 @@ fn committed_keeps_new_state() {
         .advance(&device.home, JournalPhase::Committed)
         .unwrap();
 
-    let recovered = recover(&device.home, &device.state).unwrap().unwrap();
+    let recovered = recover(&device.home, &device.state, None).unwrap().unwrap();
     assert_eq!(snapshot_tree(&device.state), new);
     assert_eq!(recovered.phase, JournalPhase::Committed);
     assert!(recovered.result().ok);
@@ -107,17 +114,18 @@ fn journal_for_other_state_is_rejected() {
     stage_by_hand(&device, 5);
     write_journal(&device, 5, JournalPhase::Swapped);
     let other = device.root.path().join("elsewhere");
-    let err = recover(&device.home, &other).unwrap_err().to_string();
+    let err = recover(&device.home, &other, None).unwrap_err().to_string();
     assert!(err.contains("elsewhere"), "{err}");
 }
 
 /// Environment variable that makes `restore_runner_for_kill_test` act as the
-/// agent that the kill test stops: state folder, home, archive and config
-/// path, one per line.
+/// agent that a kill test stops: state folder, home, archive and config
+/// path, one per line. An optional fifth line is a marker path: the runner
+/// then writes that file and blocks once unpacking into staging started.
 const RUNNER_ENV: &str = "EDGEKEEP_TEST_RESTORE_RUNNER";
 
 #[test]
-#[ignore = "runs only as the child process of hook_outliving_agent_is_killed_on_recovery"]
+#[ignore = "runs only as the child process of the kill tests"]
 fn restore_runner_for_kill_test() {
     let Ok(spec) = std::env::var(RUNNER_ENV) else {
         return;
@@ -137,8 +145,30 @@ fn restore_runner_for_kill_test() {
     };
     let cancelled = std::sync::atomic::AtomicBool::new(false);
     let archive = std::path::Path::new(paths[2]);
-    // The post_restore hook sleeps until the parent test kills this process.
-    let _ = edgekeep_agent::restore_archive(target, 18, archive, &cancelled, &mut |_| {});
+    let staging = home.staging_path(18);
+    let blocked_marker = paths.get(4).map(std::path::Path::new);
+    let mut progress = |_| {
+        if let Some(marker) = blocked_marker
+            && staging.exists()
+        {
+            std::fs::write(marker, "unpacking").unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(120));
+        }
+    };
+    // The runner blocks in unpacking or in a post_restore hook until the
+    // parent test kills this process.
+    let _ = edgekeep_agent::restore_archive(target, 18, archive, &cancelled, &mut progress);
+}
+
+/// Starts this test binary as `restore_runner_for_kill_test` with `spec`.
+fn spawn_runner(spec: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["restore_runner_for_kill_test", "--exact", "--ignored"])
+        .env(RUNNER_ENV, spec)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// True while process `pid` exists and is not a zombie.
@@ -203,13 +233,7 @@ fn hook_outliving_agent_is_killed_on_recovery() {
         config_path.display().to_string(),
     ]
     .join("\n");
-    let mut runner = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["restore_runner_for_kill_test", "--exact", "--ignored"])
-        .env(RUNNER_ENV, spec)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut runner = spawn_runner(&spec);
     let hook_pid_path = marks.path().join("hook.pid");
     wait_until("the hook runs with its group journaled", || {
         hook_pid_path.exists()
@@ -229,11 +253,186 @@ fn hook_outliving_agent_is_killed_on_recovery() {
     assert!(is_running(child_pid), "the background sleep already exited");
 
     // Recovery kills the rest of the group before swapping back.
-    let recovered = recover(&target.home, &target.state).unwrap();
+    let recovered = recover(&target.home, &target.state, None).unwrap();
     assert!(
         !is_running(child_pid),
         "sleep {child_pid} outlived recovery"
     );
     assert_eq!(snapshot_tree(&target.state), before);
     assert_rolled_back(&target, 18, recovered);
+}
+
+/// Creates a device whose hooks log to files in `marks`, and returns it with
+/// its config path. `pre_restore` appends "pre" to pre.log. `post_restore`
+/// appends "previous" to post.log on the previous state (flavour "b"). On
+/// the restored state (flavour "a") it appends "new", records its pid in
+/// hook.pid and sleeps.
+fn device_with_logging_hooks(marks: &std::path::Path) -> (Device, std::path::PathBuf) {
+    let marks = marks.display();
+    let pre = format!("echo pre >> {marks}/pre.log");
+    let post = format!(
+        "if grep -q '\"a\"' config/connectors.json; then echo new >> {marks}/post.log; \
+         echo $$ > {marks}/hook.tmp; mv {marks}/hook.tmp {marks}/hook.pid; exec sleep 60; \
+         else echo previous >> {marks}/post.log; fi"
+    );
+    let config = format!(
+        "{IDENTITY_CONFIG}\n[hooks]\npre_restore = {{ command = [\"sh\", \"-c\", {pre:?}] }}\n\
+         post_restore = {{ command = [\"sh\", \"-c\", {post:?}], timeout_secs = 120 }}\n"
+    );
+    let device = Device::new("uid-b", &config);
+    device.populate("b");
+    let config_path = device.root.path().join("agent.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    (device, config_path)
+}
+
+fn runner_spec(
+    device: &Device,
+    archive: &std::path::Path,
+    config_path: &std::path::Path,
+) -> String {
+    [
+        device.state.display().to_string(),
+        device.home.dir().display().to_string(),
+        archive.display().to_string(),
+        config_path.display().to_string(),
+    ]
+    .join("\n")
+}
+
+fn read_or_empty(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn kill_during_unpack_runs_post_restore_once() {
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = source.pack("a.dat");
+    let marks = tempfile::tempdir().unwrap();
+    let (target, config_path) = device_with_logging_hooks(marks.path());
+    let before = snapshot_tree(&target.state);
+
+    // Block the restore in unpacking, after pre_restore, then SIGKILL it.
+    let blocked = marks.path().join("unpacking");
+    let spec = format!(
+        "{}\n{}",
+        runner_spec(&target, &archive, &config_path),
+        blocked.display()
+    );
+    let mut runner = spawn_runner(&spec);
+    wait_until("the restore blocks in unpacking", || blocked.exists());
+    let journal = Journal::read(&target.home).unwrap().unwrap();
+    assert_eq!(journal.phase, JournalPhase::Staging);
+    assert!(journal.pre_restore_started);
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    assert_eq!(read_or_empty(&marks.path().join("pre.log")), "pre\n");
+    assert_eq!(read_or_empty(&marks.path().join("post.log")), "");
+
+    // Recovery runs post_restore on the unchanged state, once.
+    let post_restore = target.config.hooks.post_restore.as_ref();
+    let recovered = recover(&target.home, &target.state, post_restore)
+        .unwrap()
+        .unwrap();
+    assert_eq!(read_or_empty(&marks.path().join("post.log")), "previous\n");
+    assert_eq!(snapshot_tree(&target.state), before);
+    assert_eq!(recovered.phase, JournalPhase::RolledBack);
+    assert!(recovered.post_restore_done);
+    let result = recovered.result();
+    assert!(!result.ok);
+    assert_eq!(
+        result.reason.as_deref(),
+        Some(INTERRUPTED_BEFORE_SWAP_REASON)
+    );
+    assert!(!target.home.staging_path(18).exists());
+
+    // A second start before the report runs nothing again.
+    let again = recover(&target.home, &target.state, post_restore)
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.phase, JournalPhase::RolledBack);
+    assert_eq!(read_or_empty(&marks.path().join("post.log")), "previous\n");
+}
+
+#[test]
+fn kill_after_swap_runs_post_restore_once() {
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = source.pack("a.dat");
+    let marks = tempfile::tempdir().unwrap();
+    let (target, config_path) = device_with_logging_hooks(marks.path());
+    let before = snapshot_tree(&target.state);
+
+    // Let the restore swap and start post_restore on the new state, then
+    // SIGKILL it.
+    let mut runner = spawn_runner(&runner_spec(&target, &archive, &config_path));
+    let hook_pid_path = marks.path().join("hook.pid");
+    wait_until("post_restore runs on the new state", || {
+        hook_pid_path.exists()
+            && Journal::read(&target.home)
+                .ok()
+                .flatten()
+                .is_some_and(|journal| journal.hook.is_some())
+    });
+    let journal = Journal::read(&target.home).unwrap().unwrap();
+    assert_eq!(journal.phase, JournalPhase::Swapped);
+    assert!(journal.pre_restore_started);
+    let hook_pid = read_pid(&hook_pid_path);
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    wait_until("the hook dies with the agent", || !is_running(hook_pid));
+    assert_eq!(read_or_empty(&marks.path().join("post.log")), "new\n");
+
+    // Recovery swaps back, then runs post_restore on the previous state once.
+    let post_restore = target.config.hooks.post_restore.as_ref();
+    let recovered = recover(&target.home, &target.state, post_restore).unwrap();
+    assert_eq!(snapshot_tree(&target.state), before);
+    assert_eq!(
+        read_or_empty(&marks.path().join("post.log")),
+        "new\nprevious\n"
+    );
+    assert_rolled_back(&target, 18, recovered);
+
+    let again = recover(&target.home, &target.state, post_restore).unwrap();
+    assert_rolled_back(&target, 18, again);
+    assert_eq!(
+        read_or_empty(&marks.path().join("post.log")),
+        "new\nprevious\n"
+    );
+    assert_eq!(read_or_empty(&marks.path().join("pre.log")), "pre\n");
+}
+
+#[test]
+fn version_1_journal_recovers_without_post_restore() {
+    let marks = tempfile::tempdir().unwrap();
+    let (device, _) = device_with_logging_hooks(marks.path());
+    let old = snapshot_tree(&device.state);
+    let staging = device.home.staging_path(6);
+    std::fs::create_dir(&staging).unwrap();
+    common::write(&staging, "config/connectors.json", "new");
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&staging).unwrap());
+    exchange_paths(&staging, &device.state).unwrap();
+
+    // The layout a version 1 agent wrote: no staging phase, no hook flags.
+    let journal = serde_json::json!({
+        "version": 1,
+        "jobId": 6,
+        "phase": "swapped",
+        "stateDir": device.state,
+        "staging": staging,
+        "stagingInode": inode,
+        "reason": null,
+    });
+    std::fs::write(device.home.journal_path(), journal.to_string()).unwrap();
+    let read = Journal::read(&device.home).unwrap().unwrap();
+    assert_eq!(read.version, 2);
+    assert!(!read.pre_restore_started);
+    assert!(!read.post_restore_done);
+
+    let post_restore = device.config.hooks.post_restore.as_ref();
+    let recovered = recover(&device.home, &device.state, post_restore).unwrap();
+    assert_eq!(snapshot_tree(&device.state), old);
+    assert_rolled_back(&device, 6, recovered);
+    assert_eq!(read_or_empty(&marks.path().join("post.log")), "");
 }

@@ -354,3 +354,56 @@ fn include_symlink_leaving_state_is_skipped_and_kept() {
         "{\"line\": \"a\"}"
     );
 }
+
+#[test]
+fn hook_appending_to_kept_file_leaves_rollback_copy() {
+    // On the new state the hook appends to an excluded log, then fails, so
+    // the rollback puts the previous state back. On the previous state it
+    // does nothing.
+    let script = "if grep -q '\"a\"' config/connectors.json; then \
+                  echo appended >> logs/agent.log; exit 1; fi";
+    let config = format!(
+        "{IDENTITY_CONFIG}\n[hooks]\npost_restore = {{ command = [\"sh\", \"-c\", {script:?}] }}\n"
+    );
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = source.pack("a.dat");
+
+    let target = Device::new("uid-b", &config);
+    target.populate("b");
+    let before = snapshot_tree(&target.state);
+    let err = restore(&target, 24, &archive).unwrap_err().to_string();
+    assert!(err.contains("post_restore"), "{err}");
+
+    assert_eq!(read(&target.state, "logs/agent.log"), "log of b");
+    assert_eq!(snapshot_tree(&target.state), before);
+}
+
+#[test]
+fn kept_file_is_copy_with_same_mtime() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let source = Device::new("uid-a", IDENTITY_CONFIG);
+    source.populate("a");
+    let archive = source.pack("a.dat");
+    let target = Device::new("uid-b", IDENTITY_CONFIG);
+    target.populate("b");
+    let log = target.state.join("logs/agent.log");
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
+    std::fs::File::options()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let old = std::fs::metadata(&log).unwrap();
+    restore(&target, 25, &archive).unwrap();
+
+    let new = std::fs::metadata(&log).unwrap();
+    assert_ne!(new.ino(), old.ino(), "the kept log shares its inode");
+    assert_eq!(new.nlink(), 1);
+    assert_eq!(new.mode() & 0o7777, 0o640);
+    assert_eq!(new.modified().unwrap(), mtime);
+    assert_eq!(read(&target.state, "logs/agent.log"), "log of b");
+}
