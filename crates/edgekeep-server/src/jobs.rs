@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::service::Manager;
 use crate::service::backups::backup_key;
-use crate::store::{BackupRecord, JobFilter, JobRecord};
+use crate::store::{BackupRecord, JobRecord};
 
 /// How often queued jobs are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -305,42 +305,31 @@ impl Manager {
     }
 
     /// Fails each running backup or restore job whose agent sent no progress
-    /// report, and no result, within the heartbeat timeout. Returns the
-    /// failed job ids.
+    /// report, and no result, within the heartbeat timeout, and deletes its
+    /// uploaded file. The heartbeat times live in the store, so a job counts
+    /// as alive on every replica once any replica received its progress.
+    /// Returns the failed job ids.
     pub async fn fail_stalled_jobs(&self) -> Result<Vec<i64>> {
-        let filter = JobFilter {
-            state: Some(JobState::Running),
-            ..JobFilter::default()
-        };
-        let running: Vec<Job> = self
-            .store
-            .list_jobs(filter)
-            .await?
-            .into_iter()
-            .filter(|job| job.kind != JobKind::Import)
-            .collect();
-        let running_ids: Vec<i64> = running.iter().map(|job| job.id).collect();
-        self.retain_heartbeats(&running_ids);
-
-        let mut failed = Vec::new();
-        for job in running {
-            let age = self.heartbeat_age(job.id);
-            if age < self.heartbeat_timeout || self.is_validating(job.id) {
-                continue;
-            }
-            let Some(record) = self.store.job(job.id).await? else {
-                continue;
-            };
-            let reason = format!(
-                "device {} sent no progress for {} seconds, the agent may have stopped; \
-                 the job can be retried",
-                job.device_id,
-                age.as_secs()
+        let now = crate::now_ms();
+        let timeout_ms = i64::try_from(self.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
+        let stalled_before = now.saturating_sub(timeout_ms);
+        let failed = self.store.fail_stalled_jobs(stalled_before, now).await?;
+        for record in &failed {
+            let job = &record.job;
+            tracing::warn!(
+                job_id = job.id,
+                device_id = job.device_id,
+                kind = job.kind.as_str(),
+                reason = job.reason.as_deref().unwrap_or_default(),
+                "job failed"
             );
-            self.fail_job(&record, &reason).await?;
-            failed.push(job.id);
+            if job.kind != JobKind::Restore
+                && let Some(key) = &record.object_key
+            {
+                self.objects.delete_quietly(key).await;
+            }
         }
-        Ok(failed)
+        Ok(failed.iter().map(|record| record.job.id).collect())
     }
 
     /// Expires queued jobs past their expiry and deletes stray uploads.
@@ -383,6 +372,10 @@ pub fn spawn_background(
             .await
         })
     };
+    let mut tasks = vec![sweeper];
+    if let Some(listener) = spawn_job_listener(manager.clone(), shutdown.clone()) {
+        tasks.push(listener);
+    }
     let watcher = tokio::spawn(async move {
         let mut last_stray_sweep: Option<tokio::time::Instant> = None;
         every(IMPORT_POLL_INTERVAL, shutdown, || {
@@ -404,7 +397,22 @@ pub fn spawn_background(
         })
         .await
     });
-    vec![sweeper, watcher]
+    tasks.push(watcher);
+    tasks
+}
+
+/// Wakes this server's long polls for jobs queued through other replicas,
+/// when the store is shared (PostgreSQL). Returns `None` when it is not.
+pub fn spawn_job_listener(
+    manager: Arc<Manager>,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let mut wakeups = manager.store.listen_for_jobs(shutdown)?;
+    Some(tokio::spawn(async move {
+        while let Some(wakeup) = wakeups.recv().await {
+            manager.wake_polls(wakeup);
+        }
+    }))
 }
 
 async fn every<F, Fut>(interval: Duration, shutdown: CancellationToken, mut task: F)

@@ -326,6 +326,55 @@ async fn expiry_happens_once_across_replicas(store: StoreChoice) {
     );
 }
 
+async fn stalled_job_fails_once_across_replicas(store: StoreChoice) {
+    let replicas = Replicas::new(store);
+    let (a, b) = (replicas.open().await, replicas.open().await);
+    let (project_id, device_id) = project_and_device(a.as_ref()).await;
+    let job = a
+        .insert_job(new_job(JobKind::Backup, project_id, device_id))
+        .await
+        .unwrap();
+    let job_id = job.job.id;
+    a.claim_next_job(device_id, NOW).await.unwrap().unwrap();
+
+    // The claim counts as the first heartbeat, and a heartbeat recorded
+    // through one replica is what the other one checks.
+    assert_eq!(
+        b.fail_stalled_jobs(NOW - 1, NOW + 5000).await.unwrap(),
+        vec![]
+    );
+    a.record_heartbeat(job_id, NOW + 3000).await.unwrap();
+    assert_eq!(
+        b.fail_stalled_jobs(NOW + 2999, NOW + 5000).await.unwrap(),
+        vec![]
+    );
+
+    let (first, second) = tokio::join!(
+        a.fail_stalled_jobs(NOW + 3000, NOW + 8000),
+        b.fail_stalled_jobs(NOW + 3000, NOW + 8000)
+    );
+    let failed: Vec<_> = first.unwrap().into_iter().chain(second.unwrap()).collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].job.id, job_id);
+    assert_eq!(failed[0].job.state, JobState::Failed);
+    let stored = a.job(job_id).await.unwrap().unwrap().job;
+    assert_eq!(stored.state, JobState::Failed);
+    assert_eq!(stored.finished_at, Some(NOW + 8000));
+    let expected = format!(
+        "device {device_id} sent no progress for 5 seconds, the agent may have stopped; \
+         the job can be retried"
+    );
+    assert_eq!(stored.reason.as_deref(), Some(expected.as_str()));
+    assert_eq!(stored.message.as_deref(), Some(expected.as_str()));
+
+    // A heartbeat for a job that is no longer running changes nothing.
+    a.record_heartbeat(job_id, NOW + 9000).await.unwrap();
+    assert_eq!(
+        b.fail_stalled_jobs(NOW + 9999, NOW + 10_000).await.unwrap(),
+        vec![]
+    );
+}
+
 async fn tokens_keep_scope_and_admin_is_single(store: StoreChoice) {
     let replicas = Replicas::new(store);
     let store = replicas.open().await;
@@ -416,6 +465,7 @@ store_tests!(
     exhausted_clock_is_an_error,
     backup_of_finished_job_is_conflict,
     expiry_happens_once_across_replicas,
+    stalled_job_fails_once_across_replicas,
     tokens_keep_scope_and_admin_is_single,
     lists_filter_by_scope,
 );
@@ -437,8 +487,8 @@ async fn migrations_run_once_across_replicas() {
         .query_one("SELECT COUNT(*), MAX(version) FROM schema_migrations", &[])
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 1);
-    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert_eq!(row.get::<_, i64>(1), 2);
 }
 
 #[tokio::test]

@@ -166,7 +166,6 @@ impl Manager {
             let job_id = record.job.id;
             match self.agent_job(&record).await {
                 Ok(job) => {
-                    self.record_heartbeat(job_id);
                     tracing::info!(
                         job_id,
                         device_id,
@@ -267,7 +266,7 @@ impl Manager {
             JobState::Running => {}
             other => return Err(Self::not_running(job_id, other)),
         }
-        self.record_heartbeat(job_id);
+        self.record_heartbeat(job_id).await?;
         let message: String = report
             .message
             .chars()

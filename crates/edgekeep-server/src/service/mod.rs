@@ -5,11 +5,11 @@ mod agent;
 pub mod backups;
 mod resources;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::sync::{MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgekeep_api::Device;
 use tokio::sync::Notify;
@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use crate::auth::{Caller, check_token, hash_secret};
 use crate::error::{Error, Result};
 use crate::objects::Objects;
-use crate::store::Store;
+use crate::store::{JobWakeup, Store};
 
 /// A device counts as online for this long after its last poll ended.
 pub const ONLINE_WINDOW_MS: i64 = 60_000;
@@ -40,15 +40,6 @@ pub struct Manager {
     /// files the sweep removes; `None` for an external S3 store.
     pub(crate) embedded_bucket_dir: Option<(PathBuf, String)>,
     polls: Mutex<HashMap<i64, DevicePolls>>,
-    /// Time of the last sign of life of each running device job: its
-    /// hand-out or its last progress report. Kept in memory, so after a
-    /// restart each running job starts a full timeout from the first sweep.
-    // NOTE: replicas on one database do not share these times, so a replica
-    // would fail jobs whose agents report to another replica.
-    heartbeats: Mutex<HashMap<i64, Instant>>,
-    /// Running jobs whose upload the server is validating; the agent waits
-    /// for the result call meanwhile and sends no progress.
-    validating: Mutex<HashSet<i64>>,
 }
 
 /// Open long polls of one device and the signal that wakes them.
@@ -76,8 +67,6 @@ impl Manager {
             heartbeat_timeout: Duration::from_secs(120),
             embedded_bucket_dir: None,
             polls: Mutex::new(HashMap::new()),
-            heartbeats: Mutex::new(HashMap::new()),
-            validating: Mutex::new(HashSet::new()),
         }
     }
 
@@ -133,49 +122,28 @@ impl Manager {
         self.polls.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_heartbeats(&self) -> MutexGuard<'_, HashMap<i64, Instant>> {
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Records a sign of life of a running device job in the store, which
+    /// every replica reads.
+    pub(crate) async fn record_heartbeat(&self, job_id: i64) -> Result<()> {
+        self.store.record_heartbeat(job_id, crate::now_ms()).await
     }
 
-    /// Records a sign of life of a running device job.
-    pub(crate) fn record_heartbeat(&self, job_id: i64) {
-        self.lock_heartbeats().insert(job_id, Instant::now());
-    }
-
-    /// Returns how long ago the job last showed a sign of life. A job not
-    /// seen before, such as one left running by the last server, counts from
-    /// now.
-    pub(crate) fn heartbeat_age(&self, job_id: i64) -> Duration {
-        self.lock_heartbeats()
-            .entry(job_id)
-            .or_insert_with(Instant::now)
-            .elapsed()
-    }
-
-    /// Marks the job as under validation until the returned guard drops.
-    pub(crate) fn start_validating(&self, job_id: i64) -> ValidatingGuard<'_> {
-        self.validating
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(job_id);
-        ValidatingGuard {
-            manager: self,
-            job_id,
-        }
-    }
-
-    pub(crate) fn is_validating(&self, job_id: i64) -> bool {
-        self.validating
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&job_id)
-    }
-
-    /// Forgets the heartbeats of jobs that are no longer running.
-    pub(crate) fn retain_heartbeats(&self, running: &[i64]) {
-        self.lock_heartbeats().retain(|id, _| running.contains(id));
+    /// Records heartbeats for the job until the returned guard drops. The
+    /// agent sends no progress while the server validates its upload, and
+    /// validating a large file can take longer than the heartbeat timeout.
+    pub(crate) fn start_validating(&self, job_id: i64) -> ValidatingGuard {
+        let store = self.store.clone();
+        let interval = (self.heartbeat_timeout / 4).max(Duration::from_millis(50));
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                if let Err(error) = store.record_heartbeat(job_id, crate::now_ms()).await {
+                    tracing::warn!(job_id, error = %error, "failed to record a heartbeat during validation");
+                }
+            }
+        });
+        ValidatingGuard(task)
     }
 
     /// Sets `online` from open polls and the time of the last poll.
@@ -204,6 +172,24 @@ impl Manager {
         self.device_notify(device_id).notify_one();
     }
 
+    /// Wakes the open long polls that a job queued through another replica
+    /// may concern. Devices with no open poll here are left alone.
+    pub(crate) fn wake_polls(&self, wakeup: JobWakeup) {
+        let polls = self.lock_polls();
+        match wakeup {
+            JobWakeup::Device(device_id) => {
+                if let Some(entry) = polls.get(&device_id).filter(|entry| entry.open > 0) {
+                    entry.notify.notify_waiters();
+                }
+            }
+            JobWakeup::All => {
+                for entry in polls.values().filter(|entry| entry.open > 0) {
+                    entry.notify.notify_waiters();
+                }
+            }
+        }
+    }
+
     fn open_poll(&self, device_id: i64) -> Arc<Notify> {
         let mut polls = self.lock_polls();
         let entry = polls.entry(device_id).or_default();
@@ -219,19 +205,12 @@ impl Manager {
     }
 }
 
-/// Removes a job from the validating set when dropped.
-pub(crate) struct ValidatingGuard<'a> {
-    manager: &'a Manager,
-    job_id: i64,
-}
+/// Stops the heartbeats of a job under validation when dropped.
+pub(crate) struct ValidatingGuard(tokio::task::JoinHandle<()>);
 
-impl Drop for ValidatingGuard<'_> {
+impl Drop for ValidatingGuard {
     fn drop(&mut self) {
-        self.manager
-            .validating
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.job_id);
+        self.0.abort();
     }
 }
 

@@ -14,6 +14,7 @@ pub use sqlite::SqliteStore;
 use async_trait::async_trait;
 use edgekeep_api::agent::DeviceFacts;
 use edgekeep_api::{Backup, Device, Job, JobKind, JobState, Project, TokenInfo};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 
@@ -62,6 +63,20 @@ pub struct JobFilter {
 #[derive(Debug, Clone)]
 pub struct TokenRecord {
     pub info: TokenInfo,
+}
+
+/// End of the reason given to a job that sent no progress for too long.
+pub const STALLED_REASON_END: &str = "seconds, the agent may have stopped; the job can be retried";
+
+/// A request to wake waiting long polls after a job was queued through
+/// another replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobWakeup {
+    /// A job was queued for this device.
+    Device(i64),
+    /// Notifications may have been missed, such as while the listener
+    /// reconnected, so every waiting poll should look for a job.
+    All,
 }
 
 /// Name of the administrator token that the server creates on first start.
@@ -141,12 +156,23 @@ pub trait Store: Send + Sync {
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>>;
     /// Lists jobs newest first.
     async fn list_jobs(&self, filter: JobFilter) -> Result<Vec<Job>>;
-    /// Moves the device's oldest queued backup or restore job to running.
+    /// Moves the device's oldest queued backup or restore job to running and
+    /// records its first heartbeat at `now`.
     async fn claim_next_job(&self, device_id: i64, now: i64) -> Result<Option<JobRecord>>;
     /// Fails every running backup or restore job of the device and returns
     /// their ids.
     async fn fail_running_jobs(&self, device_id: i64, reason: &str, now: i64) -> Result<Vec<i64>>;
     async fn update_progress(&self, job_id: i64, progress: f64, message: &str) -> Result<()>;
+    /// Records a sign of life of a running job at `now`, such as a progress
+    /// report. Does nothing when the job is not running.
+    async fn record_heartbeat(&self, job_id: i64, now: i64) -> Result<()>;
+    /// Fails, in one atomic step, every running backup or restore job whose
+    /// last heartbeat is at or before `stalled_before`, and returns them. A
+    /// job with no heartbeat counts from its start. The reason names the
+    /// device and the seconds since the heartbeat, followed by
+    /// [`STALLED_REASON_END`]. Replicas that run this at the same moment fail
+    /// each job once.
+    async fn fail_stalled_jobs(&self, stalled_before: i64, now: i64) -> Result<Vec<JobRecord>>;
     /// Moves a job from `from` to a final state. Returns false when the job
     /// was no longer in `from`.
     async fn finish_job(
@@ -161,6 +187,16 @@ pub trait Store: Send + Sync {
     async fn start_job(&self, job_id: i64, now: i64) -> Result<bool>;
     /// Expires queued jobs whose `expires_at` has passed and returns them.
     async fn expire_jobs(&self, now: i64) -> Result<Vec<JobRecord>>;
+    /// Starts listening for jobs queued through other replicas that share
+    /// this store, until `shutdown`. Returns `None` for a store that only one
+    /// server uses (SQLite), where the in-process wake-up is enough.
+    fn listen_for_jobs(
+        &self,
+        shutdown: CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<JobWakeup>> {
+        let _ = shutdown;
+        None
+    }
     /// Queued import jobs, oldest first.
     async fn pending_imports(&self) -> Result<Vec<JobRecord>>;
     /// Moves import jobs left running by a stopped server back to queued,

@@ -14,11 +14,28 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
-use super::{ADMIN_TOKEN_NAME, BackupRecord, JobFilter, JobRecord, NewJob, Store, TokenRecord};
+use super::{
+    ADMIN_TOKEN_NAME, BackupRecord, JobFilter, JobRecord, JobWakeup, NewJob, STALLED_REASON_END,
+    Store, TokenRecord,
+};
 use crate::error::{Error, Result};
 
+mod listener;
+
+pub use listener::LISTENER_APPLICATION_NAME;
+
+/// Channel on which replicas announce queued backup and restore jobs. The
+/// payload is the device id.
+const JOBS_CHANNEL: &str = "edgekeep_jobs";
+
 /// Numbered migrations, applied in order. Each runs once.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_job_heartbeat.sql"),
+    ),
+];
 
 /// Key of the transaction-level advisory lock that serialises migrations and
 /// administrator token changes across replicas. Any constant works as long
@@ -60,6 +77,8 @@ impl From<deadpool_postgres::PoolError> for Error {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Connection settings, for the dedicated connection of the job listener.
+    config: tokio_postgres::Config,
 }
 
 impl PostgresStore {
@@ -75,7 +94,7 @@ impl PostgresStore {
         // NOTE: connections use no TLS, so a URL with `sslmode=require` fails
         // to connect. Keep the database on a trusted network.
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -88,7 +107,7 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| anyhow::anyhow!("failed to build the PostgreSQL pool: {e}"))?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore { pool, config };
         store
             .migrate()
             .await
@@ -443,6 +462,16 @@ impl PostgresStore {
         let record = select_job(&transaction, id)
             .await?
             .ok_or_else(|| Error::internal("job vanished after insert", id))?;
+        // PostgreSQL delivers the notification on commit, so a replica that
+        // wakes on it finds the job.
+        if job.kind != JobKind::Import {
+            transaction
+                .execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&JOBS_CHANNEL, &job.device_id.to_string()],
+                )
+                .await?;
+        }
         transaction.commit().await?;
         Ok(record)
     }
@@ -844,7 +873,7 @@ impl Store for PostgresStore {
         // to one replica.
         let client = self.pool.get().await?;
         let sql = format!(
-            "UPDATE jobs SET state = 'running', started_at = $1, progress = 0
+            "UPDATE jobs SET state = 'running', started_at = $1, heartbeat_at = $1, progress = 0
              WHERE id = (
                  SELECT id FROM jobs WHERE device_id = $2 AND state = 'queued'
                    AND kind IN ('backup', 'restore') ORDER BY id LIMIT 1
@@ -886,6 +915,40 @@ impl Store for PostgresStore {
             )
             .await?;
         Ok(())
+    }
+
+    async fn record_heartbeat(&self, job_id: i64, now: i64) -> Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE jobs SET heartbeat_at = $1 WHERE id = $2 AND state = 'running'",
+                &[&now, &job_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn fail_stalled_jobs(&self, stalled_before: i64, now: i64) -> Result<Vec<JobRecord>> {
+        // One statement: a replica running it at the same moment waits for
+        // the row locks, then finds the jobs no longer running and skips them.
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "UPDATE jobs SET state = 'failed', finished_at = $2,
+                 reason = stalled.stalled_reason, message = stalled.stalled_reason
+             FROM (SELECT id AS stalled_id, 'device ' || device_id || ' sent no progress for '
+                       || (($2::BIGINT - COALESCE(heartbeat_at, started_at)) / 1000) || ' '
+                       || $3::TEXT AS stalled_reason
+                   FROM jobs WHERE state = 'running' AND kind IN ('backup', 'restore')
+                     AND COALESCE(heartbeat_at, started_at) <= $1::BIGINT) AS stalled
+             WHERE jobs.id = stalled.stalled_id AND jobs.state = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let rows = client
+            .query(&sql, &[&stalled_before, &now, &STALLED_REASON_END])
+            .await?;
+        let mut failed = collect(rows, job_from_row)?;
+        failed.sort_by_key(|record| record.job.id);
+        Ok(failed)
     }
 
     async fn finish_job(
@@ -954,6 +1017,13 @@ impl Store for PostgresStore {
         );
         let rows = client.query(&sql, &[]).await?;
         collect(rows, job_from_row)
+    }
+
+    fn listen_for_jobs(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<JobWakeup>> {
+        Some(listener::spawn(self.config.clone(), shutdown))
     }
 
     async fn requeue_running_imports(&self) -> Result<usize> {

@@ -10,11 +10,20 @@ use edgekeep_api::agent::DeviceFacts;
 use edgekeep_api::{Backup, Device, Job, JobKind, JobState, Project, TokenInfo};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{ADMIN_TOKEN_NAME, BackupRecord, JobFilter, JobRecord, NewJob, Store, TokenRecord};
+use super::{
+    ADMIN_TOKEN_NAME, BackupRecord, JobFilter, JobRecord, NewJob, STALLED_REASON_END, Store,
+    TokenRecord,
+};
 use crate::error::{Error, Result};
 
 /// Numbered migrations, applied in order; each runs once.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/sqlite/0002_job_heartbeat.sql"),
+    ),
+];
 
 const DEVICE_COLUMNS: &str = "id, project_id, name, uid, activated, last_seen_at, arch, \
      platform_version, agent_version, hostname, created_at";
@@ -305,7 +314,8 @@ fn claim_next(connection: &mut Connection, device_id: i64, now: i64) -> Result<O
         return Ok(None);
     };
     transaction.execute(
-        "UPDATE jobs SET state = 'running', started_at = ?1, progress = 0 WHERE id = ?2",
+        "UPDATE jobs SET state = 'running', started_at = ?1, heartbeat_at = ?1, progress = 0
+         WHERE id = ?2",
         params![now, id],
     )?;
     let record = select_job(&transaction, id)?;
@@ -742,6 +752,44 @@ impl Store for SqliteStore {
                 params![progress, message, job_id],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn record_heartbeat(&self, job_id: i64, now: i64) -> Result<()> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE jobs SET heartbeat_at = ?1 WHERE id = ?2 AND state = 'running'",
+                params![now, job_id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fail_stalled_jobs(&self, stalled_before: i64, now: i64) -> Result<Vec<JobRecord>> {
+        self.call(move |c| {
+            let sql = format!(
+                "UPDATE jobs SET state = 'failed', finished_at = ?2,
+                     reason = stalled.stalled_reason, message = stalled.stalled_reason
+                 FROM (SELECT id AS stalled_id, 'device ' || device_id
+                           || ' sent no progress for '
+                           || ((?2 - COALESCE(heartbeat_at, started_at)) / 1000) || ' ' || ?3
+                           AS stalled_reason
+                       FROM jobs WHERE state = 'running' AND kind IN ('backup', 'restore')
+                         AND COALESCE(heartbeat_at, started_at) <= ?1) AS stalled
+                 WHERE jobs.id = stalled.stalled_id
+                 RETURNING {JOB_COLUMNS}"
+            );
+            let mut statement = c.prepare(&sql)?;
+            let mut failed = statement
+                .query_map(
+                    params![stalled_before, now, STALLED_REASON_END],
+                    job_from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            failed.sort_by_key(|record| record.job.id);
+            Ok(failed)
         })
         .await
     }

@@ -313,6 +313,20 @@ pub async fn add_device(
     lay_out_device(&dir, name, extra_config);
     let agent = Agent::start(server, &dir, Some(&activation.activation_code));
     wait_online(server, project, activation.device.id, &agent).await;
+
+    // The server shows a device online as soon as it is activated, a moment
+    // before the agent has stored its credential. Tests that kill the agent
+    // and start it again without a code need that credential on disk.
+    let credential = dir.join("state.edgekeep-agent/credential.json");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !credential.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no credential stored:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     (activation, agent)
 }
 
