@@ -69,7 +69,7 @@ pub enum AgentJob {
         /// True only when this device itself made the backup through its own
         /// backup job, so the identity paths in it are this device's. The
         /// device uid inside an archive can be forged, so on false the agent
-        /// keeps its current identity paths whatever the archive says.
+        /// keeps its current identity paths whatever the archive contains.
         #[serde(default)]
         restore_identity: bool,
     },
@@ -106,7 +106,7 @@ pub struct ProgressReply {
 #[serde(rename_all = "camelCase")]
 pub struct JobResult {
     pub ok: bool,
-    /// Why the job failed, in words an operator can act on.
+    /// Reason the job failed, in words an operator can act on.
     pub reason: Option<String>,
     /// For a backup: size and SHA-256 of the uploaded file.
     pub size: Option<u64>,

@@ -22,7 +22,7 @@ impl<T> Envelope<T> {
 }
 
 impl Envelope<()> {
-    /// An envelope for a successful call whose content is `null`.
+    /// Builds the envelope of a successful call whose content is `null`.
     pub fn empty() -> Self {
         Envelope {
             code: "200".to_string(),
@@ -63,7 +63,7 @@ pub struct Device {
     /// Stable identifier the server gave the device; archives record it as
     /// their source so an agent can tell its own backups from another's.
     pub uid: String,
-    /// True while the agent holds a connection or polled within the online
+    /// True while the agent has a poll open or polled within the online
     /// window.
     pub online: bool,
     pub activated: bool,
@@ -210,7 +210,7 @@ pub struct Job {
     pub progress: f64,
     /// The latest progress step, such as "uploading".
     pub message: Option<String>,
-    /// Why the job failed, expired or was cancelled.
+    /// Reason the job failed, expired or was cancelled.
     pub reason: Option<String>,
     /// Name of the token that requested the job.
     pub requested_by: String,

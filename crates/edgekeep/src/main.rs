@@ -85,15 +85,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// True when the command line asks for JSON output, so errors are JSON too.
+/// Returns true when the command line requests JSON output, so errors are
+/// printed as JSON too.
 fn json_requested() -> bool {
     std::env::args().any(|arg| arg == "--json")
 }
 
-/// Exit code for a failure: 3 when something was not found, 4 when the token
-/// was missing, invalid or not allowed, 5 on a conflict with a running job,
-/// 6 when the server could not be reached, and 1 for anything else (2 is
-/// clap's code for invalid arguments).
+/// Maps the HTTP status of a failed call to the exit code listed in `--help`.
+/// Code 2 stays clap's code for invalid arguments.
 fn exit_code(status: Option<u16>) -> u8 {
     match status {
         Some(404) => 3,

@@ -15,7 +15,7 @@ use edgekeep_api::{Client, Job, JobKind, JobState};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-/// Where the server is, which token to use and how to print results.
+/// Server address, API token and output format shared by the CLI groups.
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// Base URL of the edgekeep server.

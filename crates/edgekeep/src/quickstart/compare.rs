@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// What a path in a tree is, with enough detail to compare two trees.
+/// Kind and content of one path in a tree, enough to compare two trees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     Dir { mode: u32 },

@@ -20,7 +20,7 @@ pub struct LemResponse {
 }
 
 impl LemResponse {
-    /// The envelope's content, or an error naming the call if it failed.
+    /// Returns the envelope's content, or an error naming the call if it failed.
     pub fn content(&self, call: &str) -> anyhow::Result<&Value> {
         if self.status != 200 {
             anyhow::bail!("{call} returned {}: {}", self.status, self.body);
@@ -52,7 +52,7 @@ impl LemClient {
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join("&");
-        let shown = if query_text.is_empty() {
+        let request_line = if query_text.is_empty() {
             format!("{method} {path}")
         } else {
             format!("{method} {path}?{query_text}")
@@ -64,7 +64,7 @@ impl LemClient {
             .query(query)
             .send()
             .await
-            .with_context(|| format!("{shown} failed"))?;
+            .with_context(|| format!("{request_line} failed"))?;
         let status = response.status().as_u16();
         let job_id = response
             .headers()
@@ -74,9 +74,9 @@ impl LemClient {
         let body: Value = response
             .json()
             .await
-            .with_context(|| format!("{shown} returned a body that is not JSON"))?;
+            .with_context(|| format!("{request_line} returned a body that is not JSON"))?;
         if !quiet {
-            println!("  > {shown}");
+            println!("  > {request_line}");
             println!(
                 "  < {status} {}",
                 shorten(&redact_signatures(&body.to_string()))

@@ -596,7 +596,7 @@ struct Listed {
     checksum: String,
 }
 
-/// The `projectId` and `deviceId` query of a gateway.
+/// Builds the `projectId` and `deviceId` query of a gateway.
 fn ids(project: i64, gateway: &Gateway) -> Vec<(&'static str, String)> {
     vec![
         ("projectId", project.to_string()),

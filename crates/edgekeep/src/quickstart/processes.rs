@@ -73,7 +73,7 @@ impl Process {
     }
 }
 
-/// The last `lines` lines of a log file.
+/// Returns the last `lines` lines of a log file.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -87,7 +87,7 @@ pub struct Endpoints {
     pub s3: String,
 }
 
-/// Waits until the server has written its endpoints and answers `/healthz`.
+/// Waits until the server has written its endpoints and `/healthz` returns 200.
 pub async fn wait_for_server(
     server: &mut Process,
     data_dir: &Path,
@@ -107,7 +107,7 @@ pub async fn wait_for_server(
         }
         if Instant::now() > deadline {
             anyhow::bail!(
-                "the server did not answer within {}s; see {}",
+                "the server did not respond within {}s; see {}",
                 timeout.as_secs(),
                 server.log.display()
             );

@@ -15,7 +15,7 @@ pub use crate::database::StoreChoice;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgekeep");
 
-/// Longest wait for any one step, generous for a loaded 2-core CI machine.
+/// Maximum wait for any one step, generous for a loaded 2-core CI machine.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct Server {
@@ -366,7 +366,7 @@ pub async fn wait_job(server: &Server, job_id: i64) -> Job {
     }
 }
 
-/// Polls `list` until it holds `count` backups.
+/// Polls `list` until it contains `count` backups.
 pub async fn wait_listed(server: &Server, project: i64, device: i64, count: usize) -> Vec<Backup> {
     let client = server.client();
     let deadline = Instant::now() + STEP_TIMEOUT;
@@ -401,8 +401,8 @@ pub async fn backup(server: &Server, project: i64, device: i64) -> Backup {
         .expect("the backup job's backup is listed")
 }
 
-/// Every path under `root` with its kind, mode and content, for before/after
-/// equality.
+/// Reads every path under `root` with its kind, mode and content, for
+/// before/after equality.
 pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
     walk(root, Path::new(""), &mut out);

@@ -1,5 +1,5 @@
 //! Files uploaded through `put`: valid ones are listed by themselves, invalid
-//! ones never are and their job says why.
+//! ones never are and their job records the reason.
 
 use std::path::Path;
 

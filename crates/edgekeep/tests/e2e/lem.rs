@@ -170,7 +170,7 @@ async fn lem_steps_back_up_download_relocate_and_clone(store: StoreChoice) {
         agent_b.log()
     );
 
-    // B now holds A's configuration and historian but keeps its identity.
+    // B now contains A's configuration and historian but keeps its identity.
     let state_b = agent_b.state();
     assert_eq!(
         std::fs::read(state_b.join("config/connectors/plc.json")).unwrap(),

@@ -13,7 +13,7 @@ use object_store::{ObjectStore, PutPayload};
 
 use crate::harness::*;
 
-/// The agent home of a device folder laid out by the harness.
+/// Reads the state tree of an agent started by the harness.
 fn state_tree(agent: &Agent) -> std::collections::BTreeMap<std::path::PathBuf, String> {
     tree(&agent.state())
 }
