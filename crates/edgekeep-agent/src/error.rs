@@ -49,6 +49,12 @@ pub enum Error {
     #[error("{0}")]
     Credential(String),
 
+    #[error(
+        "invalid server list {0:?}: expected one or more base URLs separated by commas, such as \
+         http://10.0.0.5:8080,http://10.0.0.6:8080"
+    )]
+    ServerList(String),
+
     #[error("{0}")]
     Journal(String),
 

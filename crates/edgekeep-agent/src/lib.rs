@@ -32,7 +32,7 @@ pub use journal::{
 pub use pack::{PackedState, SkippedEntry, pack_state, pack_state_for_job};
 pub use process::HookProcess;
 pub use restore::{RestoreTarget, check_compatible, restore_archive};
-pub use runner::{AgentOptions, device_facts, run};
+pub use runner::{AgentOptions, device_facts, run, run_until};
 pub use version::compare_versions;
 
 /// Version of this agent, reported to the server and written into archives.

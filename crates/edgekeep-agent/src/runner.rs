@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use edgekeep_api::AgentClient;
 use edgekeep_api::agent::{DeviceFacts, JobResult};
-use edgekeep_api::client::is_retryable;
+use edgekeep_api::client::{is_retryable, parse_server_urls};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -26,6 +26,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Options of `edgekeep agent`.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
+    /// Base URL of the server, or a comma-separated list of the base URLs
+    /// of server replicas. The agent uses one at a time and moves on to the
+    /// next when a call gets no response or a 502, 503 or 504.
     pub server_url: String,
     /// One-time code that activates this device. It is needed once, while the
     /// home contains no credential.
@@ -35,6 +38,9 @@ pub struct AgentOptions {
     /// The agent home; by default the state folder's sibling
     /// `<state-dir-name>.edgekeep-agent`.
     pub home: Option<PathBuf>,
+    /// HTTP client for server calls and transfers; a new one when `None`.
+    /// Agents that share a process share one to save memory.
+    pub http: Option<reqwest::Client>,
 }
 
 /// Collects the facts this device reports to the server.
@@ -62,7 +68,17 @@ fn hostname() -> String {
 /// Runs the agent until SIGINT or SIGTERM, or until its credential is
 /// revoked.
 pub async fn run(options: AgentOptions) -> Result<()> {
-    // Resolve the state, the config and the home.
+    let shutdown = watch_shutdown_signals()?;
+    run_until(options, shutdown).await
+}
+
+/// Runs the agent until `shutdown` turns true or the credential is revoked.
+/// It installs no signal handlers, so one process can run several agents.
+pub async fn run_until(options: AgentOptions, shutdown: watch::Receiver<bool>) -> Result<()> {
+    // Resolve the servers, the state, the config and the home.
+    if parse_server_urls(&options.server_url).is_empty() {
+        return Err(Error::ServerList(options.server_url.clone()));
+    }
     let state_dir = options
         .state_dir
         .canonicalize()
@@ -77,7 +93,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
     let home = AgentHome::open(&home_dir, &state_dir)?;
     let facts = device_facts(&config);
-    let shutdown = watch_shutdown_signals()?;
 
     // Settle any restore that a stop interrupted before anything else, so
     // the state is whole even when activation fails.
@@ -96,12 +111,17 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
 
     // Activate once, then report the settled restore.
-    let mut client = AgentClient::new(&options.server_url, None);
+    let http = options
+        .http
+        .clone()
+        .unwrap_or_else(edgekeep_api::client::agent_http_client);
+    let mut client = AgentClient::with_http(http.clone(), &options.server_url, None);
     let credential = load_or_activate(&client, &home, &options, &facts, &shutdown).await?;
     client.set_credential(credential.credential.clone());
     tracing::info!(
         device_id = credential.device_id,
         device_uid = %credential.device_uid,
+        servers = %client.base_urls().join(","),
         state_dir = %state_dir.display(),
         home = %home.dir().display(),
         "agent started"
@@ -113,7 +133,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let context = Arc::new(JobContext {
         client: client.clone(),
-        http: crate::transfer::http_client(),
+        http,
         config,
         state_dir,
         home,
@@ -157,7 +177,12 @@ async fn poll_jobs(context: &Arc<JobContext>, shutdown: &watch::Receiver<bool>) 
             }
             Err(err) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "polling for jobs failed");
+                tracing::warn!(
+                    error = %err,
+                    retry_in_ms = delay.as_millis() as u64,
+                    next_server = context.client.base_url(),
+                    "polling for jobs failed"
+                );
                 if !is_retryable(&err) {
                     tracing::debug!(status = err.status, "the poll error is not a server error");
                 }
@@ -170,6 +195,11 @@ async fn poll_jobs(context: &Arc<JobContext>, shutdown: &watch::Receiver<bool>) 
 /// Reports a job result, retrying network errors and 5xx with backoff. A
 /// shutdown ends the retries; the server then fails the job when the agent
 /// polls again.
+///
+/// A 4xx response is logged and not returned, so the agent goes on polling:
+/// a 404 or 409 means the server no longer takes a result for the job (it
+/// ended, or was deleted), and retrying cannot change that. A revoked
+/// credential shows up as a 401 at the next poll, which stops the agent.
 async fn report_with_retry(
     client: &AgentClient,
     job_id: i64,
@@ -185,8 +215,23 @@ async fn report_with_retry(
             }
             Err(err) if is_retryable(&err) && !*shutdown.borrow() => {
                 let delay = backoff.next_delay();
-                tracing::warn!(job_id, error = %err, retry_in_ms = delay.as_millis() as u64, "reporting the job result failed");
+                tracing::warn!(
+                    job_id,
+                    error = %err,
+                    retry_in_ms = delay.as_millis() as u64,
+                    next_server = client.base_url(),
+                    "reporting the job result failed"
+                );
                 sleep_or_shutdown(delay, shutdown).await;
+            }
+            Err(err) if (400..500).contains(&err.status) => {
+                tracing::warn!(
+                    job_id,
+                    status = err.status,
+                    error = %err,
+                    "the server did not take the job result; polling for the next job"
+                );
+                return Ok(());
             }
             Err(err) => {
                 tracing::error!(job_id, error = %err, "reporting the job result failed");
@@ -283,7 +328,12 @@ async fn load_or_activate(
             Ok(activated) => break activated,
             Err(err) if is_retryable(&err) && !*shutdown.borrow() => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "activation failed");
+                tracing::warn!(
+                    error = %err,
+                    retry_in_ms = delay.as_millis() as u64,
+                    next_server = client.base_url(),
+                    "activation failed"
+                );
                 sleep_or_shutdown(delay, shutdown).await;
             }
             Err(err) => {

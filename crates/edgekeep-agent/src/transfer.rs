@@ -18,13 +18,6 @@ pub(crate) fn redact(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
 }
 
-pub(crate) fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .expect("the TLS backend initialises")
-}
-
 /// How long a transfer keeps retrying after connection errors and 5xx
 /// responses. The pre-signed URLs of a job stay valid for an hour, well past
 /// this window.

@@ -47,6 +47,11 @@ struct Stub {
     progress_messages: Vec<String>,
     /// "progress JOB" and "result JOB" in the order they were recorded.
     events: Vec<String>,
+    /// Statuses served to the next result reports, one each, in place of a
+    /// 200. The reports are recorded all the same.
+    result_statuses: VecDeque<u16>,
+    /// Host header of each result report, naming the stub that got it.
+    result_hosts: Vec<String>,
 }
 
 /// How the stub fails a storage request.
@@ -66,15 +71,22 @@ struct Request {
 }
 
 async fn start_stub(stub: Arc<Mutex<Stub>>) -> String {
+    start_stoppable_stub(stub).await.0
+}
+
+/// Starts a stub and returns its URL and the task that accepts its
+/// connections. Aborting the task closes the listening socket, so later
+/// connections are refused, as by a server that was killed.
+async fn start_stoppable_stub(stub: Arc<Mutex<Stub>>) -> (String, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             tokio::spawn(serve(stream, stub.clone()));
         }
     });
-    format!("http://{address}")
+    (format!("http://{address}"), task)
 }
 
 async fn read_request(stream: &mut TcpStream) -> Option<Request> {
@@ -230,7 +242,17 @@ fn route(request: &Request, stub: &mut Stub) -> (u16, Vec<u8>) {
             let result: JobResult = serde_json::from_slice(&request.body).unwrap();
             stub.results.push((id.parse().unwrap(), result));
             stub.events.push(format!("result {id}"));
-            envelope(Value::Null)
+            let host = request.headers.get("host").cloned().unwrap_or_default();
+            stub.result_hosts.push(host);
+            match stub.result_statuses.pop_front() {
+                Some(status) => {
+                    let message = format!("job {id} is not running; poll for the next job");
+                    let body =
+                        json!({"code": status.to_string(), "message": message, "content": null});
+                    (status, body.to_string().into_bytes())
+                }
+                None => envelope(Value::Null),
+            }
         }
         _ => (
             404,
@@ -250,6 +272,7 @@ fn options(server_url: &str, device: &Device, config: &str, code: Option<&str>) 
         state_dir: device.state.clone(),
         config_path: Some(config_path),
         home: Some(device.home.dir().to_path_buf()),
+        http: None,
     }
 }
 
@@ -625,4 +648,140 @@ async fn agent_start_removes_leftover_work_files() {
     assert!(message.contains("revoked"), "{message}");
     assert_eq!(device.home_leftovers(), ["credential.json"]);
     assert_eq!(snapshot_tree(&device.state), before);
+}
+
+/// Returns the address of a loopback port that nothing listens on.
+async fn closed_port() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{address}")
+}
+
+fn backup_job(job_id: i64, server_url: &str) -> AgentJob {
+    AgentJob::Backup {
+        job_id,
+        upload_url: format!("{server_url}/store/jobs/{job_id}.dat?X-Amz-Signature=abc"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_skips_closed_port_in_server_list() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let stub = Arc::new(Mutex::new(Stub::default()));
+    let server_url = start_stub(stub.clone()).await;
+
+    // The first start activates with the one server address.
+    let first_start = options(&server_url, &device, IDENTITY_CONFIG, Some("code-9"));
+    let message = run_until_revoked(first_start).await;
+    assert!(message.contains("revoked"), "{message}");
+
+    // A restart with a list whose first server is down keeps the stored
+    // credential and works through the second one.
+    {
+        let mut stub = stub.lock().unwrap();
+        stub.jobs.push_back(backup_job(71, &server_url));
+        stub.expected_results = 1;
+    }
+    let servers = format!("{},{server_url}", closed_port().await);
+    let started = std::time::Instant::now();
+    let message = run_until_revoked(options(&servers, &device, IDENTITY_CONFIG, None)).await;
+    assert!(message.contains("revoked"), "{message}");
+    let elapsed = started.elapsed();
+
+    let stub = stub.lock().unwrap();
+    assert_eq!(stub.activations, 1);
+    assert_eq!(stub.unauthorized, 0);
+    assert_eq!(stub.results.len(), 1);
+    assert_eq!(stub.results[0].0, 71);
+    assert!(stub.results[0].1.ok, "{:?}", stub.results[0].1.reason);
+    // One failed call and one backoff of at most a second, then the job.
+    assert!(elapsed < Duration::from_secs(8), "took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_moves_on_when_server_stops() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    // Two stubs share one job queue, as two replicas share one database.
+    let stub = Arc::new(Mutex::new(Stub {
+        expected_results: 2,
+        ..Stub::default()
+    }));
+    let (first_url, first_task) = start_stoppable_stub(stub.clone()).await;
+    let second_url = start_stub(stub.clone()).await;
+    stub.lock()
+        .unwrap()
+        .jobs
+        .push_back(backup_job(81, &first_url));
+
+    let servers = format!("{first_url},{second_url}");
+    let options = options(&servers, &device, IDENTITY_CONFIG, Some("code-10"));
+    let agent = tokio::spawn(run_until_revoked(options));
+
+    // Stop the first stub once it has the first result, then queue a job.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stub.lock().unwrap().results.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no first result");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first_task.abort();
+    let _ = first_task.await;
+    stub.lock()
+        .unwrap()
+        .jobs
+        .push_back(backup_job(82, &second_url));
+
+    let message = agent.await.unwrap();
+    assert!(message.contains("revoked"), "{message}");
+    let stub = stub.lock().unwrap();
+    let ids: Vec<i64> = stub.results.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [81, 82]);
+    assert!(stub.results.iter().all(|(_, result)| result.ok));
+    let hosts = [
+        first_url.trim_start_matches("http://"),
+        second_url.trim_start_matches("http://"),
+    ];
+    assert_eq!(stub.result_hosts, hosts);
+    assert_eq!(stub.activations, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_keeps_polling_after_rejected_result() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let stub = Arc::new(Mutex::new(Stub {
+        expected_results: 3,
+        result_statuses: [409, 404].into(),
+        ..Stub::default()
+    }));
+    let server_url = start_stub(stub.clone()).await;
+    {
+        let mut stub = stub.lock().unwrap();
+        for job_id in [91, 92, 93] {
+            stub.jobs.push_back(backup_job(job_id, &server_url));
+        }
+    }
+
+    let options = options(&server_url, &device, IDENTITY_CONFIG, Some("code-11"));
+    let message = run_until_revoked(options).await;
+
+    // The agent reported each result once and went on to the next job,
+    // and stopped only on the revoked credential.
+    assert!(message.contains("revoked"), "{message}");
+    let stub = stub.lock().unwrap();
+    let ids: Vec<i64> = stub.results.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [91, 92, 93]);
+    assert_eq!(device.home_leftovers(), ["credential.json"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_server_list_is_rejected() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let options = options(" , ", &device, IDENTITY_CONFIG, Some("code-12"));
+    let message = edgekeep_agent::run(options).await.unwrap_err().to_string();
+    assert!(message.contains("invalid server list"), "{message}");
+    assert!(message.contains("separated by commas"), "{message}");
 }

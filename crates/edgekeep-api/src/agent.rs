@@ -40,12 +40,20 @@ pub struct ActivateResponse {
     pub credential: String,
 }
 
-/// Query of `GET /agent/v1/jobs/next`.
+/// Query of `POST /agent/v1/jobs/next`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NextJobQuery {
     /// How long the server may hold the request open when no job is ready.
     pub wait_secs: u64,
+    /// Id of the last job this agent process received, absent before its
+    /// first job. A running job of the device with a larger id was handed
+    /// out but never arrived, so the server queues it again and hands it out
+    /// once more. Any other running job is failed, because the agent
+    /// restarted or gave it up. Agents that send no id get that failure for
+    /// every running job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job_id: Option<i64>,
 }
 
 /// A job handed to an agent.

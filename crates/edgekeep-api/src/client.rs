@@ -1,6 +1,8 @@
 //! HTTP clients for the REST API ([`Client`]) and the agent protocol
 //! ([`AgentClient`]).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -360,36 +362,133 @@ impl Client {
 }
 
 /// Client of the agent protocol, used by `edgekeep agent`.
+///
+/// It has one or more server base URLs and sends every call to the current
+/// one. A call that gets no response, or a 502, 503 or 504, moves
+/// the client on to the next URL in the list (round robin), so the caller's
+/// retry and all later calls go to another server replica. Clones share the
+/// current URL and the id of the last job received.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
-    base: String,
+    servers: Arc<ServerList>,
     credential: Option<String>,
+    /// Id of the last job a poll of this client (or a clone) received; 0
+    /// before the first one.
+    last_received_job: Arc<AtomicI64>,
 }
 
-impl AgentClient {
-    pub fn new(base_url: &str, credential: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .expect("the TLS backend initialises");
-        AgentClient {
-            http,
-            base: base_url.trim_end_matches('/').to_string(),
-            credential,
+/// The server base URLs of an [`AgentClient`] and the index of the one in
+/// use.
+#[derive(Debug)]
+struct ServerList {
+    urls: Vec<String>,
+    current: AtomicUsize,
+}
+
+impl ServerList {
+    fn new(urls: Vec<String>) -> Self {
+        ServerList {
+            urls,
+            current: AtomicUsize::new(0),
         }
     }
 
+    /// Returns the index and base URL of the server in use.
+    fn current(&self) -> (usize, &str) {
+        let index = self.current.load(Ordering::SeqCst) % self.urls.len();
+        (index, &self.urls[index])
+    }
+
+    /// Moves on to the server after `failed`, unless another call has
+    /// already moved on from it. Without that check, two calls failing on
+    /// the same server at once would skip the server after it.
+    fn move_on_from(&self, failed: usize) {
+        let next = (failed + 1) % self.urls.len();
+        let _ = self
+            .current
+            .compare_exchange(failed, next, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// Splits a comma-separated list of server base URLs, such as
+/// `http://10.0.0.5:8080,http://10.0.0.6:8080`, trimming spaces and
+/// trailing slashes and dropping empty items.
+pub fn parse_server_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|url| url.trim().trim_end_matches('/'))
+        .filter(|url| !url.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Builds the HTTP client of an agent, for agent protocol calls and
+/// pre-signed transfers. Each client loads its own copy of the TLS root
+/// certificates, so agents that share a process should share one client.
+pub fn agent_http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .expect("the TLS backend initialises")
+}
+
+/// True when an agent call should move on to the next server: no response
+/// arrived, or a proxy or load balancer reported the server down or slow.
+pub fn is_server_unavailable(error: &ApiError) -> bool {
+    matches!(error.status, 0 | 502 | 503 | 504)
+}
+
+impl AgentClient {
+    /// Creates a client for one server base URL, such as
+    /// `http://manager.plant.local:8080`, or for a comma-separated list of
+    /// replica base URLs (see [`parse_server_urls`]). Calls start at the
+    /// first URL.
+    pub fn new(base_urls: &str, credential: Option<String>) -> Self {
+        Self::with_http(agent_http_client(), base_urls, credential)
+    }
+
+    /// Creates a client like [`AgentClient::new`] that sends its calls
+    /// through `http`, so many agents in one process, such as a fleet
+    /// simulator's, can share one connection pool and TLS configuration.
+    pub fn with_http(http: reqwest::Client, base_urls: &str, credential: Option<String>) -> Self {
+        let mut urls = parse_server_urls(base_urls);
+        if urls.is_empty() {
+            // An empty list still yields a client; its calls fail with a
+            // transport error that names the empty URL.
+            urls.push(String::new());
+        }
+        AgentClient {
+            http,
+            servers: Arc::new(ServerList::new(urls)),
+            credential,
+            last_received_job: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// Returns the base URL the next call goes to.
     pub fn base_url(&self) -> &str {
-        &self.base
+        self.servers.current().1
+    }
+
+    /// Returns every server base URL, in the order the client tries them.
+    pub fn base_urls(&self) -> &[String] {
+        &self.servers.urls
+    }
+
+    /// Returns the id of the last job a poll received, if any.
+    pub fn last_received_job(&self) -> Option<i64> {
+        Some(self.last_received_job.load(Ordering::SeqCst)).filter(|id| *id > 0)
     }
 
     pub fn set_credential(&mut self, credential: String) {
         self.credential = Some(credential);
     }
 
-    fn request(&self, method: Method, path: &str) -> (RequestBuilder, String) {
-        let url = format!("{}{}", self.base, path);
+    /// Builds a request to the current server. Returns the builder, the full
+    /// URL and the server's index for [`AgentClient::send`].
+    fn request(&self, method: Method, path: &str) -> (RequestBuilder, String, usize) {
+        let (index, base) = self.servers.current();
+        let url = format!("{base}{path}");
         let mut builder = self
             .http
             .request(method, &url)
@@ -397,7 +496,24 @@ impl AgentClient {
         if let Some(credential) = &self.credential {
             builder = builder.bearer_auth(credential);
         }
-        (builder, url)
+        (builder, url, index)
+    }
+
+    /// Sends a request built by [`AgentClient::request`] and moves on to the
+    /// next server when server `index` is unavailable.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        builder: RequestBuilder,
+        url: &str,
+        index: usize,
+    ) -> ApiResult<(Option<T>, Option<i64>)> {
+        let result = send(builder, url).await;
+        if let Err(error) = &result
+            && is_server_unavailable(error)
+        {
+            self.servers.move_on_from(index);
+        }
+        result
     }
 
     /// Trades a one-time activation code for a device credential.
@@ -406,28 +522,39 @@ impl AgentClient {
         activation_code: &str,
         facts: &DeviceFacts,
     ) -> ApiResult<ActivateResponse> {
-        let (builder, url) = self.request(Method::POST, "/agent/v1/activate");
+        let (builder, url, index) = self.request(Method::POST, "/agent/v1/activate");
         let body = ActivateRequest {
             activation_code: activation_code.to_string(),
             facts: facts.clone(),
         };
-        let (content, _) = send(builder.json(&body), &url).await?;
+        let (content, _) = self.send(builder.json(&body), &url, index).await?;
         required(content, &url)
     }
 
     /// Long-polls for the next job, waiting up to `wait` on the server.
     /// Returns `None` when no job arrived in that time.
+    ///
+    /// The poll carries the id of the last job this client received as
+    /// `lastJobId`, so the server can hand out again a job whose earlier
+    /// hand-out never arrived.
     pub async fn next_job(
         &self,
         facts: &DeviceFacts,
         wait: Duration,
     ) -> ApiResult<Option<AgentJob>> {
-        let (builder, url) = self.request(Method::POST, "/agent/v1/jobs/next");
+        let (builder, url, index) = self.request(Method::POST, "/agent/v1/jobs/next");
+        let mut query = vec![("waitSecs", wait.as_secs().to_string())];
+        if let Some(last) = self.last_received_job() {
+            query.push(("lastJobId", last.to_string()));
+        }
         let builder = builder
-            .query(&[("waitSecs", wait.as_secs().to_string())])
+            .query(&query)
             .json(facts)
             .timeout(wait + Duration::from_secs(30));
-        let (content, _) = send(builder, &url).await?;
+        let (content, _): (Option<AgentJob>, _) = self.send(builder, &url, index).await?;
+        if let Some(job) = &content {
+            self.last_received_job.store(job.job_id(), Ordering::SeqCst);
+        }
         Ok(content)
     }
 
@@ -436,15 +563,17 @@ impl AgentClient {
         job_id: i64,
         report: &ProgressReport,
     ) -> ApiResult<ProgressReply> {
-        let (builder, url) =
-            self.request(Method::POST, &format!("/agent/v1/jobs/{job_id}/progress"));
-        let (content, _) = send(builder.json(report), &url).await?;
+        let path = format!("/agent/v1/jobs/{job_id}/progress");
+        let (builder, url, index) = self.request(Method::POST, &path);
+        let (content, _) = self.send(builder.json(report), &url, index).await?;
         required(content, &url)
     }
 
     pub async fn report_result(&self, job_id: i64, result: &JobResult) -> ApiResult<()> {
-        let (builder, url) = self.request(Method::POST, &format!("/agent/v1/jobs/{job_id}/result"));
-        let _: (Option<serde_json::Value>, _) = send(builder.json(result), &url).await?;
+        let path = format!("/agent/v1/jobs/{job_id}/result");
+        let (builder, url, index) = self.request(Method::POST, &path);
+        let _: (Option<serde_json::Value>, _) =
+            self.send(builder.json(result), &url, index).await?;
         Ok(())
     }
 }
@@ -452,4 +581,120 @@ impl AgentClient {
 /// True for statuses worth retrying: no response, or a server-side failure.
 pub fn is_retryable(error: &ApiError) -> bool {
     error.status == 0 || StatusCode::from_u16(error.status).is_ok_and(|s| s.is_server_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Returns the address of a loopback port that nothing listens on.
+    async fn closed_port() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        format!("http://{address}")
+    }
+
+    /// Serves every request with `status` and an envelope whose content is
+    /// `{"cancelled": false}`, as a progress reply.
+    async fn fixed_server(status: u16) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    // The requests in these tests fit in one read.
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    let _ = stream.read(&mut buffer).await;
+                    let body = r#"{"code":"200","content":{"cancelled":false}}"#;
+                    let response = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{address}")
+    }
+
+    fn report() -> ProgressReport {
+        ProgressReport {
+            progress: 0.5,
+            message: "packing".into(),
+        }
+    }
+
+    #[test]
+    fn server_list_is_split_and_trimmed() {
+        assert_eq!(
+            parse_server_urls(" http://a:8080/, http://b:8080 ,,http://c"),
+            ["http://a:8080", "http://b:8080", "http://c"]
+        );
+        assert_eq!(parse_server_urls("http://a:8080"), ["http://a:8080"]);
+        assert!(parse_server_urls(" , ").is_empty());
+    }
+
+    #[test]
+    fn concurrent_failures_move_on_once() {
+        let servers = ServerList::new(vec!["a".into(), "b".into(), "c".into()]);
+        // Two calls that both used server 0 fail: the second must not skip
+        // server 1.
+        servers.move_on_from(0);
+        servers.move_on_from(0);
+        assert_eq!(servers.current(), (1, "b"));
+        servers.move_on_from(1);
+        servers.move_on_from(2);
+        assert_eq!(servers.current(), (0, "a"), "the list wraps around");
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_moves_client_to_next() {
+        let dead = closed_port().await;
+        let live = fixed_server(200).await;
+        let client = AgentClient::new(&format!("{dead},{live}"), None);
+        assert_eq!(client.base_url(), dead);
+
+        let error = client.report_progress(7, &report()).await.unwrap_err();
+        assert_eq!(error.status, 0);
+        assert_eq!(client.base_url(), live, "the next call goes elsewhere");
+        let reply = client.report_progress(7, &report()).await.unwrap();
+        assert!(!reply.cancelled);
+        assert_eq!(client.base_url(), live, "a working server is kept");
+
+        // Clones share the server in use.
+        let clone = client.clone();
+        assert_eq!(clone.base_url(), live);
+    }
+
+    #[tokio::test]
+    async fn gateway_errors_move_client_and_others_do_not() {
+        for (status, moves) in [
+            (502, true),
+            (503, true),
+            (504, true),
+            (500, false),
+            (409, false),
+        ] {
+            let first = fixed_server(status).await;
+            let second = fixed_server(200).await;
+            let client = AgentClient::new(&format!("{first},{second}"), None);
+            let error = client.report_progress(7, &report()).await.unwrap_err();
+            assert_eq!(error.status, status);
+            let expected = if moves { &second } else { &first };
+            assert_eq!(client.base_url(), expected, "after HTTP {status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn single_server_stays_in_use_after_failure() {
+        let dead = closed_port().await;
+        let client = AgentClient::new(&format!("{dead}/"), None);
+        assert_eq!(client.base_urls(), std::slice::from_ref(&dead));
+        client.report_progress(7, &report()).await.unwrap_err();
+        assert_eq!(client.base_url(), dead);
+    }
 }

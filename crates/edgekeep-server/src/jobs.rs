@@ -75,16 +75,36 @@ impl Manager {
     /// or fails the job with the reason and deletes the object.
     ///
     /// `expected` is the size and SHA-256 the agent reported, if any.
+    /// `lease_owner` is the lease under which this replica claimed an
+    /// import. When the lease is no longer this replica's by the time the
+    /// file has verified, this replica leaves the job alone.
     pub(crate) async fn accept_upload(
         &self,
         record: &JobRecord,
         expected: Option<(u64, String)>,
+        lease_owner: Option<&str>,
     ) -> Result<()> {
-        let _validating = self.start_validating(record.job.id);
-        match self.list_upload(record, expected).await {
+        let job_id = record.job.id;
+        let validation = self.start_validating(job_id, lease_owner);
+        let verified = self.verify_upload(record, expected).await;
+
+        // A replica that paused for longer than the heartbeat timeout may
+        // have lost the import to another replica meanwhile.
+        if !validation.still_held().await? {
+            tracing::warn!(
+                job_id,
+                "another replica took over the validation of this import; leaving it to that replica"
+            );
+            return Ok(());
+        }
+        let listed = match verified {
+            Ok(verified) => self.list_verified(record, verified).await,
+            Err(rejected) => Err(rejected),
+        };
+        match listed {
             Ok(backup) => {
                 tracing::info!(
-                    job_id = record.job.id,
+                    job_id,
                     device_id = backup.device_id,
                     timestamp = backup.timestamp,
                     size = backup.size,
@@ -96,11 +116,14 @@ impl Manager {
         }
     }
 
-    async fn list_upload(
+    /// Checks the size of the job's uploaded object, downloads it, verifies
+    /// it completely and checks it against the agent's report and the
+    /// device's identity.
+    async fn verify_upload(
         &self,
         record: &JobRecord,
         expected: Option<(u64, String)>,
-    ) -> Result<Backup, Rejected> {
+    ) -> Result<edgekeep_archive::Verified, Rejected> {
         let job = &record.job;
         let key = record
             .object_key
@@ -155,6 +178,42 @@ impl Manager {
             )));
         }
 
+        // A device's own backup must name that device as its source, or a
+        // device could list state under another device's identity.
+        let source = &verified.manifest.source;
+        if job.kind == JobKind::Backup {
+            let device = self
+                .store
+                .device(job.project_id, job.device_id)
+                .await?
+                .ok_or_else(|| {
+                    Error::internal("device of a running job not found", job.device_id)
+                })?;
+            if source.device_uid != device.uid {
+                return Err(Rejected(format!(
+                    "the archive names another device (uid {}) as its source, but device {} \
+                     (uid {}) uploaded it; a backup job accepts only the device's own state",
+                    source.device_uid, device.id, device.uid
+                )));
+            }
+        }
+        Ok(verified)
+    }
+
+    /// Picks the backup's timestamp, copies the verified object to its final
+    /// key and lists it, which also marks the job succeeded. Only one call
+    /// lists a job's backup: the store lists it only while the job runs.
+    async fn list_verified(
+        &self,
+        record: &JobRecord,
+        verified: edgekeep_archive::Verified,
+    ) -> Result<Backup, Rejected> {
+        let job = &record.job;
+        let key = record
+            .object_key
+            .as_deref()
+            .ok_or_else(|| Error::internal("job has no object key", job.id))?;
+
         // Pick the timestamp: the one given to `put`, or the project clock.
         let now = crate::now_ms();
         let timestamp = match job.timestamp.filter(|_| job.kind == JobKind::Import) {
@@ -176,33 +235,20 @@ impl Manager {
             None => self.store.next_timestamp(job.project_id, now).await?,
         };
 
-        // A device's own backup must name that device as its source, or a
-        // device could list state under another device's identity.
-        let source = &verified.manifest.source;
-        if job.kind == JobKind::Backup {
-            let device = self
-                .store
-                .device(job.project_id, job.device_id)
-                .await?
-                .ok_or_else(|| {
-                    Error::internal("device of a running job not found", job.device_id)
-                })?;
-            if source.device_uid != device.uid {
-                return Err(Rejected(format!(
-                    "the archive names another device (uid {}) as its source, but device {} \
-                     (uid {}) uploaded it; a backup job accepts only the device's own state",
-                    source.device_uid, device.id, device.uid
-                )));
-            }
-        }
-
         // Copy to the final key and list it.
+        let source = &verified.manifest.source;
         let source_device_id = self
             .store
             .device_by_uid(job.project_id, &source.device_uid)
             .await?
             .map(|d| d.id);
-        let final_key = backup_key(job.project_id, job.device_id, &job.backup_type, timestamp);
+        let final_key = backup_key(
+            job.project_id,
+            job.device_id,
+            &job.backup_type,
+            timestamp,
+            job.id,
+        );
         let backup = Backup {
             timestamp,
             backup_type: job.backup_type.clone(),
@@ -239,7 +285,8 @@ impl Manager {
     }
 
     /// Checks every pending import once: an import whose file arrived is
-    /// validated and listed.
+    /// claimed under a new lease, validated and listed. An import that
+    /// another replica claimed first is skipped.
     pub async fn check_imports(&self) -> Result<()> {
         for record in self.store.pending_imports().await? {
             let Some(key) = record.object_key.as_deref() else {
@@ -248,11 +295,22 @@ impl Manager {
             if self.objects.head(key).await?.is_none() {
                 continue;
             }
-            if !self.store.start_job(record.job.id, crate::now_ms()).await? {
+            let lease_owner = self.new_lease_owner();
+            let claimed = self
+                .store
+                .claim_import(record.job.id, &lease_owner, crate::now_ms())
+                .await?;
+            if !claimed {
                 continue;
             }
-            tracing::info!(job_id = record.job.id, key, "validating imported file");
-            self.accept_upload(&record, None).await?;
+            tracing::info!(
+                job_id = record.job.id,
+                key,
+                lease_owner,
+                "validating imported file"
+            );
+            self.accept_upload(&record, None, Some(&lease_owner))
+                .await?;
         }
         Ok(())
     }
@@ -332,6 +390,23 @@ impl Manager {
         Ok(failed.iter().map(|record| record.job.id).collect())
     }
 
+    /// Moves each running import whose validation lease has expired (no
+    /// heartbeat for the heartbeat timeout) back to queued, so that any
+    /// replica validates its file again. The replica that held the lease
+    /// stopped or lost its database connection. Returns the requeued job ids.
+    pub async fn requeue_stalled_imports(&self) -> Result<Vec<i64>> {
+        let timeout_ms = i64::try_from(self.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
+        let stalled_before = crate::now_ms().saturating_sub(timeout_ms);
+        let requeued = self.store.requeue_stalled_imports(stalled_before).await?;
+        for record in &requeued {
+            tracing::info!(
+                job_id = record.job.id,
+                "requeued an import whose validation lease expired; it will be validated again"
+            );
+        }
+        Ok(requeued.iter().map(|record| record.job.id).collect())
+    }
+
     /// Expires queued jobs past their expiry and deletes stray uploads.
     pub async fn expire_jobs(&self) -> Result<()> {
         for record in self.store.expire_jobs(crate::now_ms()).await? {
@@ -352,7 +427,10 @@ impl Manager {
     }
 }
 
-/// Runs the expiry sweeper and the import watcher until `shutdown`.
+/// Runs the expiry, heartbeat and import lease sweeper and the import
+/// watcher until `shutdown`. The sweeper runs at once and then every 5
+/// seconds, so an import that a stopped replica left running is requeued
+/// within seconds of its lease expiring.
 pub fn spawn_background(
     manager: Arc<Manager>,
     shutdown: CancellationToken,
@@ -367,6 +445,9 @@ pub fn spawn_background(
                 }
                 if let Err(error) = manager.fail_stalled_jobs().await {
                     tracing::warn!(error = %error, "heartbeat sweep failed; retrying");
+                }
+                if let Err(error) = manager.requeue_stalled_imports().await {
+                    tracing::warn!(error = %error, "import lease sweep failed; retrying");
                 }
             })
             .await

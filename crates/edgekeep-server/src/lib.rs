@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod migrate;
 pub mod objects;
 pub mod s3;
 pub mod service;
@@ -73,6 +74,9 @@ pub struct RunningServer {
     /// Base URL of the S3 endpoint as written into pre-signed URLs.
     pub s3_url: String,
     pub manager: Arc<Manager>,
+    /// True when this start created the administrator token and printed it,
+    /// because the store held none and none was configured.
+    pub admin_token_created: bool,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Exclusive lock on `DATA/server.lock`, released when the server is
@@ -129,23 +133,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("failed to create the data folder {}", dir.display()))?;
     }
-    let data_lock = lock_data_dir(data_dir)?;
+    let data_lock = lock_data_dir(
+        data_dir,
+        "stop that server or give this one another --data-dir",
+    )?;
 
     // Metadata store and the administrator token.
     let store: Arc<dyn Store> = match config.configured_database_url()? {
         Some(url) => Arc::new(PostgresStore::connect(&url).await?),
         None => Arc::new(SqliteStore::open(&data_dir.join("edgekeep.db"))?),
     };
-    bootstrap_admin_token(store.as_ref(), config.configured_admin_token()?).await?;
-    // NOTE: this assumes one server per database. Several replicas on one
-    // store would need the jobs table's lease columns before requeueing.
-    let requeued = store.requeue_running_imports().await?;
-    if requeued > 0 {
-        tracing::info!(
-            requeued,
-            "import jobs interrupted by the last stop will be validated again"
-        );
-    }
+    let admin_token_created =
+        bootstrap_admin_token(store.as_ref(), config.configured_admin_token()?).await?;
 
     // Listener and object storage.
     let api_listener = TcpListener::bind(config.listen).await.with_context(|| {
@@ -206,6 +205,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         api_url,
         s3_url,
         manager,
+        admin_token_created,
         shutdown,
         tasks,
         _data_lock: data_lock,
@@ -319,8 +319,9 @@ async fn open_external_s3(config: &Config, endpoint: &str) -> anyhow::Result<Obj
 
 /// Takes an exclusive `flock` on `DATA/server.lock` and writes this
 /// process's id into it, so a second server on the same folder fails at
-/// start instead of sharing the database and objects.
-fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+/// start instead of sharing the database and objects. `next_step` ends the
+/// error when another process holds the lock.
+fn lock_data_dir(data_dir: &Path, next_step: &str) -> anyhow::Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
 
     let path = data_dir.join("server.lock");
@@ -341,8 +342,7 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
                 pid => format!("another process (pid {pid})"),
             };
             anyhow::bail!(
-                "the data folder {} is in use by {holder}, which holds {}; stop that server \
-                 or give this one another --data-dir",
+                "the data folder {} is in use by {holder}, which holds {}; {next_step}",
                 data_dir.display(),
                 path.display()
             );
@@ -397,11 +397,15 @@ fn write_endpoints(data_dir: &Path, api_url: &str, s3_url: &str) -> anyhow::Resu
 }
 
 /// Stores the configured administrator token, or creates one on first start
-/// and prints it once.
+/// and prints it once. Returns true when it created one.
+///
+/// The store creates a token only while none exists, in one atomic step, so
+/// of several replicas that first start together on an empty database only
+/// one prints a token, and the others use it.
 async fn bootstrap_admin_token(
     store: &dyn Store,
     configured: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     if let Some(token) = configured {
         anyhow::ensure!(
             token.len() >= 16,
@@ -413,18 +417,22 @@ async fn bootstrap_admin_token(
             .set_admin_token(&auth::hash_secret(&token), now_ms())
             .await?;
         tracing::info!("administrator token set from the configuration");
-        return Ok(());
+        return Ok(false);
     }
     if store.admin_token_exists().await? {
-        return Ok(());
+        return Ok(false);
     }
     let token = auth::generate_secret(auth::TOKEN_PREFIX);
-    store
-        .set_admin_token(&auth::hash_secret(&token), now_ms())
+    let created = store
+        .create_admin_token_if_missing(&auth::hash_secret(&token), now_ms())
         .await?;
+    if created.is_none() {
+        tracing::info!("another server replica created the administrator token first");
+        return Ok(false);
+    }
     println!("Administrator token (shown only once; store it now): {token}");
     tracing::info!("created the administrator token");
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

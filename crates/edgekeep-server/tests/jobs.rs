@@ -357,6 +357,167 @@ async fn poll_during_running_job_fails_it(store: StoreChoice) {
     server.stop().await;
 }
 
+/// Creates a device and activates it. Returns the project id, the device
+/// and its credential, so a test can act as several agent processes of it.
+async fn activated_device(server: &common::TestServer) -> (i64, edgekeep_api::Device, String) {
+    let client = server.client();
+    let project = client.create_project("plant").await.unwrap();
+    let activation = client.create_device(project.id, "gw-1").await.unwrap();
+    let response = edgekeep_api::AgentClient::new(&server.server.api_url, None)
+        .activate(&activation.activation_code, &common::facts())
+        .await
+        .unwrap();
+    (project.id, activation.device, response.credential)
+}
+
+fn failure(reason: &str) -> JobResult {
+    JobResult {
+        ok: false,
+        reason: Some(reason.into()),
+        size: None,
+        checksum: None,
+    }
+}
+
+async fn lost_hand_out_is_handed_out_again(store: StoreChoice) {
+    let server = common::start(&store).await;
+    let (project_id, device, credential) = activated_device(&server).await;
+    let client = server.client();
+    let url = &server.server.api_url;
+    let agent = edgekeep_api::AgentClient::new(url, Some(credential.clone()));
+
+    // The agent process receives a first job and ends it.
+    let first = client
+        .init_backup(project_id, device.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let received = agent.next_job(&common::facts(), POLL).await.unwrap();
+    assert_eq!(received.map(|job| job.job_id()), Some(first));
+    assert_eq!(agent.last_received_job(), Some(first));
+    agent
+        .report_result(first, &failure("pre-backup hook exited with status 3"))
+        .await
+        .unwrap();
+
+    // The server hands out a second job, but the response never arrives.
+    let second = client
+        .init_backup(project_id, device.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let manager = &server.server.manager;
+    let stored_device = manager
+        .store()
+        .device(project_id, device.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let lost = manager
+        .next_job(&stored_device, None, 0, None)
+        .await
+        .unwrap();
+    assert_eq!(lost.map(|job| job.job_id()), Some(second));
+    assert_eq!(client.job(second).await.unwrap().state, JobState::Running);
+
+    // The next poll names the first job as the last one received, so the
+    // second one is handed out again instead of failed.
+    let again = agent.next_job(&common::facts(), POLL).await.unwrap();
+    let Some(AgentJob::Backup { job_id, upload_url }) = again else {
+        panic!("expected the backup job again, got {again:?}");
+    };
+    assert_eq!(job_id, second);
+    assert!(
+        upload_url.contains(&format!("staging/jobs/{second}.dat")),
+        "{upload_url}"
+    );
+    let job = client.job(second).await.unwrap();
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.reason, None);
+
+    // A new agent process names no job, so the running job is failed.
+    let restarted = edgekeep_api::AgentClient::new(url, Some(credential.clone()));
+    assert_eq!(restarted.last_received_job(), None);
+    let polled = restarted
+        .next_job(&common::facts(), Duration::from_secs(0))
+        .await
+        .unwrap();
+    assert!(polled.is_none());
+    let job = client.job(second).await.unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.reason.as_deref().unwrap().contains("agent restarted"),
+        "{:?}",
+        job.reason
+    );
+
+    // A last job id that is not a number is rejected and named.
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{url}/agent/v1/jobs/next?waitSecs=0&lastJobId=seven"
+        ))
+        .bearer_auth(&credential)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("lastJobId"), "{message}");
+    server.stop().await;
+}
+
+async fn repeated_result_report_matches_outcome(store: StoreChoice) {
+    let server = common::start(&store).await;
+    let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
+    let client = server.client();
+
+    // A success repeated for a listed backup is accepted and lists nothing
+    // more; a failure for it is a conflict.
+    let backup = run_backup(&server, project_id, &device, &agent).await;
+    let repeated = JobResult {
+        ok: true,
+        reason: None,
+        size: Some(backup.size),
+        checksum: Some(backup.checksum.clone()),
+    };
+    agent.report_result(backup.job_id, &repeated).await.unwrap();
+    let listed = client.list_backups(project_id, device.id).await.unwrap();
+    assert_eq!(listed, vec![backup.clone()]);
+    let error = agent
+        .report_result(backup.job_id, &failure("late failure"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status, 409);
+    assert!(error.message.contains("succeeded, not running"), "{error}");
+    let job = client.job(backup.job_id).await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+
+    // A failure repeated for a failed job is accepted and keeps the first
+    // reason; a success for it is a conflict.
+    let job_id = client
+        .init_backup(project_id, device.id)
+        .await
+        .unwrap()
+        .unwrap();
+    agent.next_job(&common::facts(), POLL).await.unwrap();
+    agent
+        .report_result(job_id, &failure("upload failed"))
+        .await
+        .unwrap();
+    agent
+        .report_result(job_id, &failure("upload failed again"))
+        .await
+        .unwrap();
+    let job = client.job(job_id).await.unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.reason.as_deref(), Some("upload failed"));
+    let error = agent.report_result(job_id, &repeated).await.unwrap_err();
+    assert_eq!(error.status, 409);
+    assert!(error.message.contains("failed, not running"), "{error}");
+    server.stop().await;
+}
+
 async fn cancelled_running_job_tells_agent(store: StoreChoice) {
     let server = common::start(&store).await;
     let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
@@ -591,4 +752,6 @@ store_tests!(
     invalid_import_fails_and_is_not_listed,
     queued_job_expires_when_device_offline,
     jobs_and_backups_survive_restart,
+    lost_hand_out_is_handed_out_again,
+    repeated_result_report_matches_outcome,
 );

@@ -617,7 +617,7 @@ async fn exhausted_backup_clock_is_error() {
         })
         .await
         .unwrap();
-    assert!(store.start_job(job.job.id, now).await.unwrap());
+    assert!(store.claim_import(job.job.id, "test", now).await.unwrap());
     let record = BackupRecord {
         backup: Backup {
             timestamp: i64::MAX,

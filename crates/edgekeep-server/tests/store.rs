@@ -220,7 +220,12 @@ async fn explicit_timestamp_moves_clock(store: StoreChoice) {
         .insert_job(new_job(JobKind::Import, project_id, device_id))
         .await
         .unwrap();
-    assert!(store.start_job(import.job.id, NOW).await.unwrap());
+    assert!(
+        store
+            .claim_import(import.job.id, "test", NOW)
+            .await
+            .unwrap()
+    );
     let record = backup_record(project_id, device_id, import.job.id, later);
     store.insert_backup(record.clone(), NOW).await.unwrap();
 
@@ -244,7 +249,12 @@ async fn explicit_timestamp_moves_clock(store: StoreChoice) {
         .insert_job(new_job(JobKind::Import, project_id, device_id))
         .await
         .unwrap();
-    assert!(store.start_job(second.job.id, NOW).await.unwrap());
+    assert!(
+        store
+            .claim_import(second.job.id, "test", NOW)
+            .await
+            .unwrap()
+    );
     let duplicate = backup_record(project_id, device_id, second.job.id, later);
     let error = store.insert_backup(duplicate, NOW).await.unwrap_err();
     let Error::Conflict(message) = error else {
@@ -268,7 +278,12 @@ async fn exhausted_clock_is_an_error(store: StoreChoice) {
         .insert_job(new_job(JobKind::Import, project_id, device_id))
         .await
         .unwrap();
-    assert!(store.start_job(import.job.id, NOW).await.unwrap());
+    assert!(
+        store
+            .claim_import(import.job.id, "test", NOW)
+            .await
+            .unwrap()
+    );
     let record = backup_record(project_id, device_id, import.job.id, i64::MAX);
     store.insert_backup(record, NOW).await.unwrap();
     let job = store.job(import.job.id).await.unwrap().unwrap().job;
@@ -375,6 +390,176 @@ async fn stalled_job_fails_once_across_replicas(store: StoreChoice) {
     );
 }
 
+async fn unreceived_job_is_requeued_once_across_replicas(store: StoreChoice) {
+    let replicas = Replicas::new(store);
+    let (a, b) = (replicas.open().await, replicas.open().await);
+    let (project_id, device_id) = project_and_device(a.as_ref()).await;
+    let job = a
+        .insert_job(new_job(JobKind::Backup, project_id, device_id))
+        .await
+        .unwrap();
+    let job_id = job.job.id;
+    a.claim_next_job(device_id, NOW).await.unwrap().unwrap();
+
+    // An agent that last received an earlier job never got this one: two
+    // replicas that see its polls at once requeue it once.
+    let (first, second) = tokio::join!(
+        a.requeue_unreceived_jobs(device_id, job_id - 1),
+        b.requeue_unreceived_jobs(device_id, job_id - 1)
+    );
+    let requeued: Vec<_> = first.unwrap().into_iter().chain(second.unwrap()).collect();
+    assert_eq!(requeued, vec![job_id]);
+    let stored = a.job(job_id).await.unwrap().unwrap().job;
+    assert_eq!(stored.state, JobState::Queued);
+    assert_eq!(stored.started_at, None);
+    assert_eq!(stored.reason, None);
+
+    // It is handed out again, and a stalled-job check counts from then.
+    let again = b.claim_next_job(device_id, NOW + 7000).await.unwrap();
+    assert_eq!(again.map(|record| record.job.id), Some(job_id));
+    assert_eq!(
+        a.fail_stalled_jobs(NOW + 6999, NOW + 8000).await.unwrap(),
+        vec![]
+    );
+
+    // Once the agent names the job as received, it is not requeued.
+    assert_eq!(
+        a.requeue_unreceived_jobs(device_id, job_id).await.unwrap(),
+        Vec::<i64>::new()
+    );
+    let stored = a.job(job_id).await.unwrap().unwrap().job;
+    assert_eq!(stored.state, JobState::Running);
+    assert_eq!(stored.started_at, Some(NOW + 7000));
+}
+
+async fn import_lease_is_exclusive_and_expires(store: StoreChoice) {
+    let replicas = Replicas::new(store);
+    let (a, b) = (replicas.open().await, replicas.open().await);
+    let (project_id, device_id) = project_and_device(a.as_ref()).await;
+    let import = a
+        .insert_job(new_job(JobKind::Import, project_id, device_id))
+        .await
+        .unwrap();
+    let job_id = import.job.id;
+
+    // One of two replicas that claim at once gets the lease.
+    let (first, second) = tokio::join!(
+        a.claim_import(job_id, "replica-a", NOW),
+        b.claim_import(job_id, "replica-b", NOW)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert!(first != second, "exactly one claim succeeds");
+    let (holder, holder_store, other, other_store) = if first {
+        ("replica-a", &a, "replica-b", &b)
+    } else {
+        ("replica-b", &b, "replica-a", &a)
+    };
+    let stored = a.job(job_id).await.unwrap().unwrap().job;
+    assert_eq!(stored.state, JobState::Running);
+    assert_eq!(stored.started_at, Some(NOW));
+
+    // Only the holder renews the lease, and a renewed lease is not stale.
+    assert!(
+        !other_store
+            .renew_import_lease(job_id, other, NOW + 1000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        holder_store
+            .renew_import_lease(job_id, holder, NOW + 3000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        other_store
+            .requeue_stalled_imports(NOW + 2999)
+            .await
+            .unwrap(),
+        vec![]
+    );
+
+    // A stale lease is requeued once, even by two replicas at once.
+    let (first, second) = tokio::join!(
+        a.requeue_stalled_imports(NOW + 3000),
+        b.requeue_stalled_imports(NOW + 3000)
+    );
+    let requeued: Vec<_> = first.unwrap().into_iter().chain(second.unwrap()).collect();
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].job.id, job_id);
+    assert_eq!(requeued[0].job.state, JobState::Queued);
+    let pending = a.pending_imports().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].job.started_at, None);
+
+    // The old holder cannot renew once another replica claimed it again.
+    assert!(
+        other_store
+            .claim_import(job_id, other, NOW + 4000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !holder_store
+            .renew_import_lease(job_id, holder, NOW + 4500)
+            .await
+            .unwrap()
+    );
+    assert!(
+        other_store
+            .renew_import_lease(job_id, other, NOW + 4500)
+            .await
+            .unwrap()
+    );
+
+    // Device jobs are not imports: their heartbeat sweep is another one.
+    let backup = a
+        .insert_job(new_job(JobKind::Backup, project_id, device_id))
+        .await
+        .unwrap();
+    a.claim_next_job(device_id, NOW).await.unwrap().unwrap();
+    assert!(!a.claim_import(backup.job.id, holder, NOW).await.unwrap());
+    assert_eq!(a.requeue_stalled_imports(NOW + 4000).await.unwrap(), vec![]);
+    let stored = a.job(backup.job.id).await.unwrap().unwrap().job;
+    assert_eq!(stored.state, JobState::Running);
+}
+
+async fn admin_token_created_once_across_replicas(store: StoreChoice) {
+    let replicas = Replicas::new(store);
+    let (a, b) = (replicas.open().await, replicas.open().await);
+    let (first, second) = tokio::join!(
+        a.create_admin_token_if_missing("hash-a", NOW),
+        b.create_admin_token_if_missing("hash-b", NOW)
+    );
+    let created: Vec<_> = [first.unwrap(), second.unwrap()]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(created.len(), 1, "exactly one replica creates the token");
+    assert!(created[0].admin);
+    assert_eq!(created[0].name, "admin");
+    let tokens = a.list_tokens().await.unwrap();
+    assert_eq!(tokens, created);
+
+    // An existing token is kept; a revoked one is replaced.
+    assert_eq!(
+        a.create_admin_token_if_missing("hash-c", NOW + 1)
+            .await
+            .unwrap(),
+        None
+    );
+    a.revoke_token(created[0].id, NOW + 2).await.unwrap();
+    let replaced = b
+        .create_admin_token_if_missing("hash-d", NOW + 3)
+        .await
+        .unwrap()
+        .expect("a revoked administrator token is replaced");
+    assert_eq!(replaced.id, created[0].id);
+    assert_eq!(replaced.revoked_at, None);
+    assert!(a.token_by_hash("hash-d").await.unwrap().is_some());
+    assert_eq!(a.list_tokens().await.unwrap().len(), 1);
+}
+
 async fn tokens_keep_scope_and_admin_is_single(store: StoreChoice) {
     let replicas = Replicas::new(store);
     let store = replicas.open().await;
@@ -468,6 +653,9 @@ store_tests!(
     stalled_job_fails_once_across_replicas,
     tokens_keep_scope_and_admin_is_single,
     lists_filter_by_scope,
+    unreceived_job_is_requeued_once_across_replicas,
+    import_lease_is_exclusive_and_expires,
+    admin_token_created_once_across_replicas,
 );
 
 #[tokio::test]

@@ -6,8 +6,11 @@ use edgekeep_agent::AgentOptions;
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// Base URL of the edgekeep server, such as http://manager.plant.local:8080.
-    #[arg(long, env = "EDGEKEEP_SERVER")]
+    /// Base URL of the edgekeep server, such as http://manager.plant.local:8080,
+    /// or the base URLs of several server replicas separated by commas. The
+    /// agent uses one and moves on to the next when a call gets no response
+    /// or a 502, 503 or 504.
+    #[arg(long, env = "EDGEKEEP_SERVER", value_name = "URL[,URL...]")]
     server: String,
 
     /// One-time activation code from `edgekeep device create`; needed on the
@@ -37,6 +40,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         config_path: args.config,
         home: args.home,
+        http: None,
     };
     edgekeep_agent::run(options).await?;
     Ok(())

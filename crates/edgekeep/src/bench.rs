@@ -1,4 +1,6 @@
-//! `edgekeep bench`: packing and unpacking speed and memory against `tar | zstd -3`.
+//! `edgekeep bench`: packing and unpacking speed and memory against `tar | zstd -3`,
+//! and with `edgekeep bench fleet` job throughput and server memory for
+//! simulated fleets (see [`fleet`]).
 //!
 //! Each tool runs as a child process on the same tree, after `sync`, so both
 //! read from a warm page cache and neither pays for the other's writeback.
@@ -17,8 +19,14 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use crate::archive_cmd::megabytes_per_second;
 
+mod fleet;
+
+/// Without a subcommand, the archive benchmark runs with the options below.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    mode: Option<BenchMode>,
     /// Tree sizes to generate, comma-separated, with a KiB, MiB or GiB suffix.
     #[arg(long, value_delimiter = ',', default_value = "100MiB,2GiB")]
     sizes: Vec<String>,
@@ -31,6 +39,13 @@ pub struct BenchArgs {
     /// Runs of each measurement; the table shows the median.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BenchMode {
+    /// Measure jobs per second, job latency and server memory with simulated
+    /// fleets, each against a fresh `edgekeep server`.
+    Fleet(fleet::FleetBenchArgs),
 }
 
 /// One measured run of one tool.
@@ -49,6 +64,9 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchMode::Fleet(fleet_args)) = args.mode {
+        return fleet::run(fleet_args);
+    }
     let sizes = args
         .sizes
         .iter()

@@ -4,8 +4,10 @@ mod agent_cmd;
 mod archive_cmd;
 mod bench;
 mod cli;
+mod migrate_cmd;
 mod quickstart;
 mod server_cmd;
+mod simulate;
 
 use std::process::ExitCode;
 
@@ -46,8 +48,15 @@ enum Command {
     Archive(archive_cmd::ArchiveCommand),
     /// Run the whole backup and restore workflow on this machine and check it.
     Quickstart(quickstart::QuickstartArgs),
-    /// Measure packing and unpacking speed and memory against tar and zstd.
+    /// Measure packing and unpacking speed and memory against tar and zstd,
+    /// or with `bench fleet` job throughput and server memory.
     Bench(bench::BenchArgs),
+    /// Move an embedded installation (SQLite and the embedded S3 endpoint)
+    /// to PostgreSQL and an external S3 service; the server must be stopped.
+    Migrate(migrate_cmd::MigrateArgs),
+    /// Run many simulated devices in this process against a server, with a
+    /// job workload, for load and fault tests.
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -117,6 +126,8 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Job(args) => cli::job::run(args).await,
             Command::Token(args) => cli::token::run(args).await,
             Command::Quickstart(args) => quickstart::run(args).await,
+            Command::Migrate(args) => migrate_cmd::run(args).await,
+            Command::Simulate(args) => simulate::run(args).await,
             Command::Archive(_) | Command::Bench(_) => unreachable!("run without a runtime"),
         }
     })
@@ -126,7 +137,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
 /// warnings so their output stays readable. `RUST_LOG` overrides both.
 fn init_logging(command: &Command) {
     let default = match command {
-        Command::Server(_) | Command::Agent(_) => "info",
+        Command::Server(_) | Command::Agent(_) | Command::Migrate(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

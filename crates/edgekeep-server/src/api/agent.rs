@@ -69,12 +69,15 @@ async fn next_job(
             ))
         })?,
     };
+    let last_received_job_id = params.optional_i64("lastJobId")?;
     let facts: Option<DeviceFacts> = if body.is_empty() {
         None
     } else {
         Some(parse_body(&body)?)
     };
-    let job = manager.next_job(&device, facts.as_ref(), wait_secs).await?;
+    let job = manager
+        .next_job(&device, facts.as_ref(), wait_secs, last_received_job_id)
+        .await?;
     Ok(Json(Envelope {
         code: "200".to_string(),
         message: None,

@@ -101,17 +101,29 @@ impl Manager {
 
     /// Waits for the device's next job (the long poll) and returns it, or
     /// `None` once `wait_secs` (at most 60) pass without one.
+    ///
+    /// `last_received_job_id` is the last job the polling agent process
+    /// received. The device's running jobs with a larger id never reached
+    /// it, such as when the replica that handed one out died before the
+    /// response left, so they are queued and handed out again. Its other
+    /// running jobs, or all of them when the agent names no job, are failed,
+    /// because the agent restarted or gave them up.
     pub async fn next_job(
         self: &Arc<Self>,
         device: &Device,
         facts: Option<&DeviceFacts>,
         wait_secs: u64,
+        last_received_job_id: Option<i64>,
     ) -> Result<Option<AgentJob>> {
         if let Some(facts) = facts {
             check_facts(facts)?;
         }
         let now = crate::now_ms();
         self.store.record_poll(device.id, facts, now).await?;
+        if let Some(last_received) = last_received_job_id {
+            self.requeue_unreceived_jobs(device.id, last_received)
+                .await?;
+        }
         self.fail_interrupted_jobs(device.id, now).await?;
 
         let notify = self.open_poll(device.id);
@@ -135,6 +147,22 @@ impl Manager {
                 return Ok(None);
             }
         }
+    }
+
+    async fn requeue_unreceived_jobs(&self, device_id: i64, last_received: i64) -> Result<()> {
+        let requeued = self
+            .store
+            .requeue_unreceived_jobs(device_id, last_received)
+            .await?;
+        for job_id in requeued {
+            tracing::info!(
+                job_id,
+                device_id,
+                last_received_job_id = last_received,
+                "handing out a job again because its agent never received it"
+            );
+        }
+        Ok(())
     }
 
     async fn fail_interrupted_jobs(&self, device_id: i64, now: i64) -> Result<()> {
@@ -280,6 +308,11 @@ impl Manager {
 
     /// Records a job's result. A successful backup is validated and listed
     /// before this returns; a failed validation fails the job.
+    ///
+    /// A report that repeats the recorded outcome (a success for a
+    /// succeeded job, a failure for a failed one) is accepted again, because
+    /// an agent repeats its report on another replica when the first one
+    /// recorded it and died before it sent its response.
     pub async fn report_result(
         &self,
         device: &Device,
@@ -296,6 +329,22 @@ impl Manager {
                         .delete_quietly(&super::backups::staging_key(job_id))
                         .await;
                 }
+                return Ok(());
+            }
+            JobState::Succeeded if result.ok => {
+                tracing::info!(
+                    job_id,
+                    device_id = device.id,
+                    "repeated result report of a succeeded job"
+                );
+                return Ok(());
+            }
+            JobState::Failed if !result.ok => {
+                tracing::info!(
+                    job_id,
+                    device_id = device.id,
+                    "repeated result report of a failed job"
+                );
                 return Ok(());
             }
             other => return Err(Self::not_running(job_id, other)),
@@ -330,13 +379,16 @@ impl Manager {
                 return Ok(());
             }
         };
-        self.accept_upload(&record, Some(expected)).await
+        self.accept_upload(&record, Some(expected), None).await
     }
 
-    /// Fails a running job and deletes its uploaded object, if any.
+    /// Fails a running job and deletes its uploaded object, if any. A job
+    /// that has ended meanwhile, such as one whose repeated result report
+    /// another request listed first, keeps its state and object.
     pub(crate) async fn fail_job(&self, record: &JobRecord, reason: &str) -> Result<()> {
         let job = &record.job;
-        self.store
+        let failed = self
+            .store
             .finish_job(
                 job.id,
                 JobState::Running,
@@ -345,6 +397,15 @@ impl Manager {
                 crate::now_ms(),
             )
             .await?;
+        if !failed {
+            tracing::info!(
+                job_id = job.id,
+                device_id = job.device_id,
+                reason,
+                "not failing the job: it has already ended"
+            );
+            return Ok(());
+        }
         tracing::warn!(
             job_id = job.id,
             device_id = job.device_id,

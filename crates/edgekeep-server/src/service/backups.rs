@@ -33,9 +33,18 @@ pub fn staging_key(job_id: i64) -> String {
     format!("staging/jobs/{job_id}.dat")
 }
 
-/// Object key of a listed backup.
-pub fn backup_key(project_id: i64, device_id: i64, backup_type: &str, timestamp: i64) -> String {
-    format!("backups/{project_id}/{device_id}/{backup_type}/{timestamp}.dat")
+/// Object key of a listed backup. The id of the job that made it is part of
+/// the key, so two imports validated at once for the same timestamp copy to
+/// different keys, and the one that loses the listing deletes only its own
+/// copy.
+pub fn backup_key(
+    project_id: i64,
+    device_id: i64,
+    backup_type: &str,
+    timestamp: i64,
+    job_id: i64,
+) -> String {
+    format!("backups/{project_id}/{device_id}/{backup_type}/{timestamp}-{job_id}.dat")
 }
 
 impl Manager {

@@ -7,6 +7,7 @@ mod resources;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::sync::{MutexGuard, PoisonError};
 use std::time::Duration;
@@ -40,6 +41,12 @@ pub struct Manager {
     /// files the sweep removes; `None` for an external S3 store.
     pub(crate) embedded_bucket_dir: Option<(PathBuf, String)>,
     polls: Mutex<HashMap<i64, DevicePolls>>,
+    /// Random id of this server process, the first part of its import
+    /// leases, so the jobs table shows which replica validates an import.
+    replica_id: String,
+    /// Number of import leases this process has taken, the second part of
+    /// each lease, so every claim has its own lease.
+    leases_taken: AtomicU64,
 }
 
 /// Open long polls of one device and the signal that wakes them.
@@ -67,6 +74,8 @@ impl Manager {
             heartbeat_timeout: Duration::from_secs(120),
             embedded_bucket_dir: None,
             polls: Mutex::new(HashMap::new()),
+            replica_id: uuid::Uuid::new_v4().simple().to_string(),
+            leases_taken: AtomicU64::new(0),
         }
     }
 
@@ -128,22 +137,40 @@ impl Manager {
         self.store.record_heartbeat(job_id, crate::now_ms()).await
     }
 
+    /// Returns a new import lease of this replica, such as
+    /// `3f2a...9c1b-17`: the replica id and a sequence number.
+    pub(crate) fn new_lease_owner(&self) -> String {
+        let sequence = self.leases_taken.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}-{sequence}", self.replica_id)
+    }
+
     /// Records heartbeats for the job until the returned guard drops. The
     /// agent sends no progress while the server validates its upload, and
     /// validating a large file can take longer than the heartbeat timeout.
-    pub(crate) fn start_validating(&self, job_id: i64) -> ValidatingGuard {
-        let store = self.store.clone();
+    /// For an import claimed under `lease_owner`, the heartbeats renew that
+    /// lease, and they stop once the lease is no longer this replica's.
+    pub(crate) fn start_validating(
+        &self,
+        job_id: i64,
+        lease_owner: Option<&str>,
+    ) -> ValidatingGuard {
+        let lease_owner = lease_owner.map(str::to_string);
+        let lost = Arc::new(AtomicBool::new(false));
         let interval = (self.heartbeat_timeout / 4).max(Duration::from_millis(50));
-        let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            loop {
-                ticker.tick().await;
-                if let Err(error) = store.record_heartbeat(job_id, crate::now_ms()).await {
-                    tracing::warn!(job_id, error = %error, "failed to record a heartbeat during validation");
-                }
-            }
-        });
-        ValidatingGuard(task)
+        let task = tokio::spawn(renew_while_validating(
+            self.store.clone(),
+            job_id,
+            lease_owner.clone(),
+            interval,
+            lost.clone(),
+        ));
+        ValidatingGuard {
+            task,
+            store: self.store.clone(),
+            job_id,
+            lease_owner,
+            lost,
+        }
     }
 
     /// Sets `online` from open polls and the time of the last poll.
@@ -205,12 +232,72 @@ impl Manager {
     }
 }
 
+/// Records a heartbeat of the job every `interval`, renewing the import
+/// lease `lease_owner` when there is one. Sets `lost` and returns once the
+/// lease is no longer this replica's.
+async fn renew_while_validating(
+    store: Arc<dyn Store>,
+    job_id: i64,
+    lease_owner: Option<String>,
+    interval: Duration,
+    lost: Arc<AtomicBool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let now = crate::now_ms();
+        let renewed = match &lease_owner {
+            Some(owner) => store.renew_import_lease(job_id, owner, now).await,
+            None => store.record_heartbeat(job_id, now).await.map(|()| true),
+        };
+        match renewed {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    job_id,
+                    lease_owner = lease_owner.as_deref().unwrap_or_default(),
+                    "the import ended or another replica took over its lease; stopping its heartbeats"
+                );
+                lost.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(job_id, error = %error, "failed to record a heartbeat during validation");
+            }
+        }
+    }
+}
+
 /// Stops the heartbeats of a job under validation when dropped.
-pub(crate) struct ValidatingGuard(tokio::task::JoinHandle<()>);
+pub(crate) struct ValidatingGuard {
+    task: tokio::task::JoinHandle<()>,
+    store: Arc<dyn Store>,
+    job_id: i64,
+    lease_owner: Option<String>,
+    /// Set by the heartbeat task when a renewal found the lease gone.
+    lost: Arc<AtomicBool>,
+}
+
+impl ValidatingGuard {
+    /// Returns whether this replica may still finish the job: always true
+    /// for a device job, and for an import whether its lease is still this
+    /// replica's, checked by renewing it now.
+    pub(crate) async fn still_held(&self) -> Result<bool> {
+        let Some(owner) = &self.lease_owner else {
+            return Ok(true);
+        };
+        if self.lost.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.store
+            .renew_import_lease(self.job_id, owner, crate::now_ms())
+            .await
+    }
+}
 
 impl Drop for ValidatingGuard {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 

@@ -142,6 +142,16 @@ pub trait Store: Send + Sync {
     /// Stores `hash` as the administrator token's hash, creating the token
     /// when none exists.
     async fn set_admin_token(&self, hash: &str, now: i64) -> Result<TokenInfo>;
+    /// Stores `hash` as the administrator token's hash only when no
+    /// unrevoked administrator token exists, in one atomic step. Returns
+    /// the token when this call stored it, or `None` when one existed.
+    /// Replicas that start at the same moment on an empty database store
+    /// one token between them.
+    async fn create_admin_token_if_missing(
+        &self,
+        hash: &str,
+        now: i64,
+    ) -> Result<Option<TokenInfo>>;
     async fn admin_token_exists(&self) -> Result<bool>;
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
     async fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
@@ -162,6 +172,16 @@ pub trait Store: Send + Sync {
     /// Fails every running backup or restore job of the device and returns
     /// their ids.
     async fn fail_running_jobs(&self, device_id: i64, reason: &str, now: i64) -> Result<Vec<i64>>;
+    /// Moves the device's running backup or restore jobs whose id is above
+    /// `last_received_job_id` back to queued, clearing their start and
+    /// heartbeat, and returns their ids. Their agent polls again without
+    /// having received them, so their hand-out never arrived. A job that
+    /// another call moved on meanwhile is left alone.
+    async fn requeue_unreceived_jobs(
+        &self,
+        device_id: i64,
+        last_received_job_id: i64,
+    ) -> Result<Vec<i64>>;
     async fn update_progress(&self, job_id: i64, progress: f64, message: &str) -> Result<()>;
     /// Records a sign of life of a running job at `now`, such as a progress
     /// report. Does nothing when the job is not running.
@@ -183,8 +203,22 @@ pub trait Store: Send + Sync {
         reason: Option<&str>,
         now: i64,
     ) -> Result<bool>;
-    /// Moves a queued import job to running; false when it was not queued.
-    async fn start_job(&self, job_id: i64, now: i64) -> Result<bool>;
+    /// Claims a queued import job for validation: moves it to running under
+    /// the lease `lease_owner`, with its first heartbeat at `now`. Returns
+    /// false when the job was not queued, such as when another replica
+    /// claimed it first.
+    async fn claim_import(&self, job_id: i64, lease_owner: &str, now: i64) -> Result<bool>;
+    /// Renews the lease of a running import job: records a heartbeat at
+    /// `now` if the job is still running under `lease_owner`. Returns false
+    /// when it is not, because the job ended or was requeued and claimed
+    /// again.
+    async fn renew_import_lease(&self, job_id: i64, lease_owner: &str, now: i64) -> Result<bool>;
+    /// Moves every running import job whose last heartbeat is at or before
+    /// `stalled_before` back to queued and clears its lease, in one atomic
+    /// step, and returns them. The replica that validated them stopped, so
+    /// any replica may claim them again. A job with no heartbeat counts from
+    /// its start.
+    async fn requeue_stalled_imports(&self, stalled_before: i64) -> Result<Vec<JobRecord>>;
     /// Expires queued jobs whose `expires_at` has passed and returns them.
     async fn expire_jobs(&self, now: i64) -> Result<Vec<JobRecord>>;
     /// Starts listening for jobs queued through other replicas that share
@@ -199,9 +233,6 @@ pub trait Store: Send + Sync {
     }
     /// Queued import jobs, oldest first.
     async fn pending_imports(&self) -> Result<Vec<JobRecord>>;
-    /// Moves import jobs left running by a stopped server back to queued,
-    /// so their files are validated again, and returns how many moved.
-    async fn requeue_running_imports(&self) -> Result<usize>;
 
     // Backups.
 

@@ -116,51 +116,59 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Applies pending migrations in one transaction. The advisory lock makes
-    /// replicas that start together wait for each other, so each migration
-    /// runs once.
+    /// Applies pending migrations in one transaction.
     async fn migrate(&self) -> anyhow::Result<()> {
         let mut client = self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => flatten(e),
             other => flatten(other),
         })?;
         let transaction = client.transaction().await.map_err(flatten)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
-            .await
-            .map_err(flatten)?;
-        transaction
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
-                    version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-            )
-            .await
-            .map_err(flatten)?;
-        let current: i64 = transaction
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
-                &[],
-            )
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(flatten)?;
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            transaction
-                .batch_execute(sql)
-                .await
-                .map_err(|e| anyhow::anyhow!("database migration {version} failed: {e}"))?;
-            transaction
-                .execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                    &[version, &crate::now_ms()],
-                )
-                .await
-                .map_err(flatten)?;
-            tracing::info!(version, "applied database migration");
-        }
+        apply_migrations(&transaction).await?;
         transaction.commit().await.map_err(flatten)?;
         Ok(())
     }
+}
+
+/// Applies pending migrations inside `transaction`, which the caller
+/// commits. The advisory lock makes replicas that start together wait for
+/// each other, so each migration runs once.
+pub(crate) async fn apply_migrations(
+    transaction: &tokio_postgres::Transaction<'_>,
+) -> anyhow::Result<()> {
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .await
+        .map_err(flatten)?;
+    transaction
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(flatten)?;
+    let current: i64 = transaction
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(flatten)?;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        transaction
+            .batch_execute(sql)
+            .await
+            .map_err(|e| anyhow::anyhow!("database migration {version} failed: {e}"))?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[version, &crate::now_ms()],
+            )
+            .await
+            .map_err(flatten)?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(())
 }
 
 /// Converts an error and its chain of causes into one message.
@@ -172,7 +180,7 @@ fn flatten(error: impl std::error::Error) -> anyhow::Error {
 
 /// Joins an error's message with those of its sources, skipping a source
 /// whose message repeats the one before it.
-fn describe(error: &dyn std::error::Error) -> String {
+pub(crate) fn describe(error: &dyn std::error::Error) -> String {
     let mut parts = vec![error.to_string()];
     let mut source = error.source();
     while let Some(cause) = source {
@@ -793,6 +801,53 @@ impl Store for PostgresStore {
         Ok(info)
     }
 
+    async fn create_admin_token_if_missing(
+        &self,
+        hash: &str,
+        now: i64,
+    ) -> Result<Option<TokenInfo>> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+
+        // The lock makes replicas that start together on an empty database
+        // take turns, so the second one finds the first one's token.
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+            .await?;
+        let exists: bool = transaction
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE admin AND revoked_at IS NULL)",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        if exists {
+            return Ok(None);
+        }
+
+        // A revoked administrator token is replaced, as set_admin_token does.
+        let updated = transaction
+            .execute(
+                "UPDATE tokens SET hash = $1, revoked_at = NULL, expires_at = NULL
+                 WHERE name = $2 AND admin",
+                &[&hash, &ADMIN_TOKEN_NAME],
+            )
+            .await?;
+        if updated == 0 {
+            transaction
+                .execute(
+                    "INSERT INTO tokens (name, hash, admin, created_at) VALUES ($1, $2, TRUE, $3)",
+                    &[&ADMIN_TOKEN_NAME, &hash, &now],
+                )
+                .await?;
+        }
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1");
+        let row = transaction.query_one(&sql, &[&hash]).await?;
+        let info = token_from_row(&row)?;
+        transaction.commit().await?;
+        Ok(Some(info))
+    }
+
     async fn admin_token_exists(&self) -> Result<bool> {
         let client = self.pool.get().await?;
         let row = client
@@ -906,6 +961,32 @@ impl Store for PostgresStore {
         Ok(ids)
     }
 
+    async fn requeue_unreceived_jobs(
+        &self,
+        device_id: i64,
+        last_received_job_id: i64,
+    ) -> Result<Vec<i64>> {
+        // One statement: a poll on another replica that fails or requeues
+        // the same job waits for the row lock and then skips it.
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "UPDATE jobs SET state = 'queued', started_at = NULL, heartbeat_at = NULL,
+                     progress = 0
+                 WHERE device_id = $1 AND state = 'running' AND kind IN ('backup', 'restore')
+                   AND id > $2
+                 RETURNING id",
+                &[&device_id, &last_received_job_id],
+            )
+            .await?;
+        let mut ids = rows
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<Vec<i64>, _>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     async fn update_progress(&self, job_id: i64, progress: f64, message: &str) -> Result<()> {
         let client = self.pool.get().await?;
         client
@@ -973,15 +1054,46 @@ impl Store for PostgresStore {
         Ok(updated > 0)
     }
 
-    async fn start_job(&self, job_id: i64, now: i64) -> Result<bool> {
+    async fn claim_import(&self, job_id: i64, lease_owner: &str, now: i64) -> Result<bool> {
         let client = self.pool.get().await?;
         let updated = client
             .execute(
-                "UPDATE jobs SET state = 'running', started_at = $1 WHERE id = $2 AND state = 'queued'",
-                &[&now, &job_id],
+                "UPDATE jobs SET state = 'running', started_at = $1, heartbeat_at = $1,
+                     lease_owner = $2
+                 WHERE id = $3 AND kind = 'import' AND state = 'queued'",
+                &[&now, &lease_owner, &job_id],
             )
             .await?;
         Ok(updated > 0)
+    }
+
+    async fn renew_import_lease(&self, job_id: i64, lease_owner: &str, now: i64) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let updated = client
+            .execute(
+                "UPDATE jobs SET heartbeat_at = $1
+                 WHERE id = $2 AND kind = 'import' AND state = 'running' AND lease_owner = $3",
+                &[&now, &job_id, &lease_owner],
+            )
+            .await?;
+        Ok(updated > 0)
+    }
+
+    async fn requeue_stalled_imports(&self, stalled_before: i64) -> Result<Vec<JobRecord>> {
+        // One statement: a replica running it at the same moment waits for
+        // the row locks, then finds the jobs no longer running and skips them.
+        let client = self.pool.get().await?;
+        let sql = format!(
+            "UPDATE jobs SET state = 'queued', started_at = NULL, heartbeat_at = NULL,
+                 lease_owner = NULL
+             WHERE kind = 'import' AND state = 'running'
+               AND COALESCE(heartbeat_at, started_at, 0) <= $1
+             RETURNING {JOB_COLUMNS}"
+        );
+        let rows = client.query(&sql, &[&stalled_before]).await?;
+        let mut requeued = collect(rows, job_from_row)?;
+        requeued.sort_by_key(|record| record.job.id);
+        Ok(requeued)
     }
 
     async fn expire_jobs(&self, now: i64) -> Result<Vec<JobRecord>> {
@@ -1024,18 +1136,6 @@ impl Store for PostgresStore {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Option<tokio::sync::mpsc::Receiver<JobWakeup>> {
         Some(listener::spawn(self.config.clone(), shutdown))
-    }
-
-    async fn requeue_running_imports(&self) -> Result<usize> {
-        let client = self.pool.get().await?;
-        let moved = client
-            .execute(
-                "UPDATE jobs SET state = 'queued', started_at = NULL
-                 WHERE kind = 'import' AND state = 'running'",
-                &[],
-            )
-            .await?;
-        usize::try_from(moved).map_err(|e| Error::internal("requeued import count", e))
     }
 
     async fn next_timestamp(&self, project_id: i64, now: i64) -> Result<i64> {

@@ -41,6 +41,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Schema version that [`SqliteStore::open`] brings a database to: the
+    /// number of the newest migration.
+    pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
     /// Opens or creates the database and applies pending migrations.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let connection = Connection::open(path).map_err(|e| {
@@ -632,6 +636,43 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn create_admin_token_if_missing(
+        &self,
+        hash: &str,
+        now: i64,
+    ) -> Result<Option<TokenInfo>> {
+        let hash = hash.to_string();
+        self.call(move |c| {
+            let transaction =
+                c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let exists: bool = transaction.query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE admin = 1 AND revoked_at IS NULL)",
+                [],
+                |row| row.get(0),
+            )?;
+            if exists {
+                return Ok(None);
+            }
+            // A revoked administrator token is replaced, as set_admin_token does.
+            let updated = transaction.execute(
+                "UPDATE tokens SET hash = ?1, revoked_at = NULL, expires_at = NULL
+                 WHERE name = ?2 AND admin = 1",
+                params![hash, ADMIN_TOKEN_NAME],
+            )?;
+            if updated == 0 {
+                transaction.execute(
+                    "INSERT INTO tokens (name, hash, admin, created_at) VALUES (?1, ?2, 1, ?3)",
+                    params![ADMIN_TOKEN_NAME, hash, now],
+                )?;
+            }
+            let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1");
+            let info = transaction.query_row(&sql, [&hash], token_from_row)?;
+            transaction.commit()?;
+            Ok(Some(info))
+        })
+        .await
+    }
+
     async fn admin_token_exists(&self) -> Result<bool> {
         self.call(|c| {
             let count: i64 = c.query_row(
@@ -744,6 +785,30 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn requeue_unreceived_jobs(
+        &self,
+        device_id: i64,
+        last_received_job_id: i64,
+    ) -> Result<Vec<i64>> {
+        self.call(move |c| {
+            let mut statement = c.prepare(
+                "UPDATE jobs SET state = 'queued', started_at = NULL, heartbeat_at = NULL,
+                     progress = 0
+                 WHERE device_id = ?1 AND state = 'running' AND kind IN ('backup', 'restore')
+                   AND id > ?2
+                 RETURNING id",
+            )?;
+            let mut ids = statement
+                .query_map(params![device_id, last_received_job_id], |row| {
+                    row.get::<_, i64>(0)
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            ids.sort_unstable();
+            Ok(ids)
+        })
+        .await
+    }
+
     async fn update_progress(&self, job_id: i64, progress: f64, message: &str) -> Result<()> {
         let message = message.to_string();
         self.call(move |c| {
@@ -817,13 +882,48 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn start_job(&self, job_id: i64, now: i64) -> Result<bool> {
+    async fn claim_import(&self, job_id: i64, lease_owner: &str, now: i64) -> Result<bool> {
+        let lease_owner = lease_owner.to_string();
         self.call(move |c| {
             let updated = c.execute(
-                "UPDATE jobs SET state = 'running', started_at = ?1 WHERE id = ?2 AND state = 'queued'",
-                params![now, job_id],
+                "UPDATE jobs SET state = 'running', started_at = ?1, heartbeat_at = ?1,
+                     lease_owner = ?2
+                 WHERE id = ?3 AND kind = 'import' AND state = 'queued'",
+                params![now, lease_owner, job_id],
             )?;
             Ok(updated > 0)
+        })
+        .await
+    }
+
+    async fn renew_import_lease(&self, job_id: i64, lease_owner: &str, now: i64) -> Result<bool> {
+        let lease_owner = lease_owner.to_string();
+        self.call(move |c| {
+            let updated = c.execute(
+                "UPDATE jobs SET heartbeat_at = ?1
+                 WHERE id = ?2 AND kind = 'import' AND state = 'running' AND lease_owner = ?3",
+                params![now, job_id, lease_owner],
+            )?;
+            Ok(updated > 0)
+        })
+        .await
+    }
+
+    async fn requeue_stalled_imports(&self, stalled_before: i64) -> Result<Vec<JobRecord>> {
+        self.call(move |c| {
+            let sql = format!(
+                "UPDATE jobs SET state = 'queued', started_at = NULL, heartbeat_at = NULL,
+                     lease_owner = NULL
+                 WHERE kind = 'import' AND state = 'running'
+                   AND COALESCE(heartbeat_at, started_at, 0) <= ?1
+                 RETURNING {JOB_COLUMNS}"
+            );
+            let mut statement = c.prepare(&sql)?;
+            let mut requeued = statement
+                .query_map([stalled_before], job_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            requeued.sort_by_key(|record| record.job.id);
+            Ok(requeued)
         })
         .await
     }
@@ -864,18 +964,6 @@ impl Store for SqliteStore {
                 .query_map([], job_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(jobs)
-        })
-        .await
-    }
-
-    async fn requeue_running_imports(&self) -> Result<usize> {
-        self.call(|c| {
-            let moved = c.execute(
-                "UPDATE jobs SET state = 'queued', started_at = NULL
-                 WHERE kind = 'import' AND state = 'running'",
-                [],
-            )?;
-            Ok(moved)
         })
         .await
     }

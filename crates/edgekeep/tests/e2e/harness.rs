@@ -160,6 +160,30 @@ impl Server {
         }
     }
 
+    /// Stops the server with SIGTERM, as an operator would, and waits until
+    /// it has exited.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) only sends a signal to the child, which has not
+        // been waited for, so its pid is still ours.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "the server did not stop within {STEP_TIMEOUT:?}: {}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Makes a folder for a device's state, config and agent home.
     pub fn device_dir(&self, name: &str) -> PathBuf {
         let dir = self.dir.path().join("devices").join(name);
@@ -187,6 +211,12 @@ impl Agent {
     }
 
     pub fn start(server: &Server, dir: &Path, activation_code: Option<&str>) -> Agent {
+        Agent::start_with_servers(&server.api, dir, activation_code)
+    }
+
+    /// Starts an agent given `servers`, one base URL or several separated by
+    /// commas, as `--server`.
+    pub fn start_with_servers(servers: &str, dir: &Path, activation_code: Option<&str>) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -194,7 +224,7 @@ impl Agent {
             .unwrap();
         let mut command = Command::new(BIN);
         command
-            .args(["agent", "--server", &server.api, "--state-dir"])
+            .args(["agent", "--server", servers, "--state-dir"])
             .arg(dir.join("state"))
             .arg("--config")
             .arg(dir.join("agent.toml"))

@@ -13,6 +13,8 @@ mod external_s3;
 mod imports;
 mod jobs;
 mod lem;
+mod migrate;
 mod presigned;
 mod quickstart;
+mod replica_failover;
 mod restore;

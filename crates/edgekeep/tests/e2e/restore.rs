@@ -29,8 +29,8 @@ async fn restore_of_corrupt_backup_leaves_target_unchanged(store: StoreChoice) {
     // Damage the stored object behind the server's back.
     let s3 = server.s3_client(None);
     let stored = ObjectPath::from(format!(
-        "backups/{project}/{}/MASTER/{}.dat",
-        a.device.id, backup.timestamp
+        "backups/{project}/{}/MASTER/{}-{}.dat",
+        a.device.id, backup.timestamp, backup.job_id
     ));
     let mut bytes = s3
         .get(&stored)
