@@ -55,6 +55,12 @@ pub enum Error {
     )]
     ServerList(String),
 
+    #[error(
+        "invalid server URL {entry:?} in the server list: {reason}; give each server as \
+         http://HOST:PORT or https://HOST:PORT, separated by commas"
+    )]
+    ServerUrl { entry: String, reason: String },
+
     #[error("{0}")]
     Journal(String),
 

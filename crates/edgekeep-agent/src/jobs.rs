@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgekeep_api::AgentClient;
 use edgekeep_api::agent::{AgentJob, DeviceFacts, JobResult, ProgressReport};
+use edgekeep_api::{AgentClient, AgentTimeouts};
 use edgekeep_archive::SourceInfo;
 use tokio::sync::watch;
 
@@ -243,11 +243,10 @@ fn fraction(done: u64, total: u64) -> f64 {
 /// Maximum time between progress reports while a step reports no progress.
 const CANCEL_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Maximum time one progress post may take before it counts as failed.
-/// A post that times out is dropped, and the server may still record it.
-const PROGRESS_POST_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Maximum time of the last post after the job ended, which delays the result.
+/// Other posts are bounded by the client's progress timeout. A post that
+/// times out is dropped, the server may still record it, and the client
+/// moves on to the next server.
 const FINAL_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Posts the latest progress at most once a second and raises `cancelled`
@@ -302,6 +301,13 @@ impl ProgressReporter {
     async fn post_loop(self, client: AgentClient, job_id: i64, mut stopped: watch::Receiver<bool>) {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The final post shares the server list with `client`, so its
+        // timeout moves the job's result on to the next server too.
+        let final_timeouts = AgentTimeouts {
+            progress: client.timeouts().progress.min(FINAL_POST_TIMEOUT),
+            ..client.timeouts()
+        };
+        let final_client = client.clone().with_timeouts(final_timeouts);
         let mut failures = 0u32;
         let mut last = (0.0, "started".to_string());
         let mut last_sent: Option<tokio::time::Instant> = None;
@@ -328,33 +334,22 @@ impl ProgressReporter {
             last = (progress, message.clone());
             last_sent = Some(tokio::time::Instant::now());
             let report = ProgressReport { progress, message };
-            let timeout = if stopping {
-                FINAL_POST_TIMEOUT
-            } else {
-                PROGRESS_POST_TIMEOUT
-            };
-            let posted =
-                tokio::time::timeout(timeout, client.report_progress(job_id, &report)).await;
-            match posted {
-                Ok(Ok(reply)) if reply.cancelled => {
+            let poster = if stopping { &final_client } else { &client };
+            match poster.report_progress(job_id, &report).await {
+                Ok(reply) if reply.cancelled => {
                     tracing::info!(job_id, "the job was cancelled; stopping it");
                     self.cancelled.store(true, Ordering::SeqCst);
                 }
-                Ok(Ok(_)) => failures = 0,
-                Ok(Err(err)) => {
+                Ok(_) => failures = 0,
+                Err(err) => {
                     // Progress is advisory; count failures and log the first.
-                    failures += 1;
-                    if failures == 1 {
-                        tracing::warn!(job_id, error = %err, "reporting progress failed");
-                    }
-                }
-                Err(_) => {
                     failures += 1;
                     if failures == 1 {
                         tracing::warn!(
                             job_id,
-                            timeout_secs = timeout.as_secs(),
-                            "reporting progress timed out"
+                            error = %err,
+                            next_server = client.base_url(),
+                            "reporting progress failed"
                         );
                     }
                 }

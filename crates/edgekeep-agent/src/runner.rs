@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgekeep_api::AgentClient;
 use edgekeep_api::agent::{DeviceFacts, JobResult};
 use edgekeep_api::client::{is_retryable, parse_server_urls};
+use edgekeep_api::{AgentClient, AgentTimeouts};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -41,6 +41,9 @@ pub struct AgentOptions {
     /// HTTP client for server calls and transfers; a new one when `None`.
     /// Agents that share a process share one to save memory.
     pub http: Option<reqwest::Client>,
+    /// Request timeouts of the server calls. A call that times out moves the
+    /// agent on to the next server.
+    pub timeouts: AgentTimeouts,
 }
 
 /// Collects the facts this device reports to the server.
@@ -76,9 +79,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 /// It installs no signal handlers, so one process can run several agents.
 pub async fn run_until(options: AgentOptions, shutdown: watch::Receiver<bool>) -> Result<()> {
     // Resolve the servers, the state, the config and the home.
-    if parse_server_urls(&options.server_url).is_empty() {
-        return Err(Error::ServerList(options.server_url.clone()));
-    }
+    check_server_urls(&options.server_url)?;
     let state_dir = options
         .state_dir
         .canonicalize()
@@ -115,8 +116,13 @@ pub async fn run_until(options: AgentOptions, shutdown: watch::Receiver<bool>) -
         .http
         .clone()
         .unwrap_or_else(edgekeep_api::client::agent_http_client);
-    let mut client = AgentClient::with_http(http.clone(), &options.server_url, None);
-    let credential = load_or_activate(&client, &home, &options, &facts, &shutdown).await?;
+    let mut client = AgentClient::with_http(http.clone(), &options.server_url, None)
+        .with_timeouts(options.timeouts);
+    let Some(credential) = load_or_activate(&client, &home, &options, &facts, &shutdown).await?
+    else {
+        tracing::info!("agent stopped before activation");
+        return Ok(());
+    };
     client.set_credential(credential.credential.clone());
     tracing::info!(
         device_id = credential.device_id,
@@ -142,6 +148,41 @@ pub async fn run_until(options: AgentOptions, shutdown: watch::Receiver<bool>) -
         facts: facts.clone(),
     });
     poll_jobs(&context, &shutdown).await
+}
+
+/// Checks that the comma-separated server list has at least one entry and
+/// that each entry is a server base URL (see [`invalid_server_url`]).
+fn check_server_urls(list: &str) -> Result<()> {
+    let urls = parse_server_urls(list);
+    if urls.is_empty() {
+        return Err(Error::ServerList(list.to_string()));
+    }
+    for entry in urls {
+        if let Some(reason) = invalid_server_url(&entry) {
+            return Err(Error::ServerUrl { entry, reason });
+        }
+    }
+    Ok(())
+}
+
+/// Returns why `entry` cannot be a server base URL, or `None` when it can.
+/// The agent appends its call paths to the URL, so a query or fragment
+/// would swallow them.
+fn invalid_server_url(entry: &str) -> Option<String> {
+    let url = match reqwest::Url::parse(entry) {
+        Ok(url) => url,
+        Err(err) => return Some(format!("it is not a URL ({err})")),
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return Some(format!("the scheme is {}, not http or https", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Some("it has no host".to_string());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Some("it has a query or fragment".to_string());
+    }
+    None
 }
 
 /// Long-polls for jobs and runs them one at a time until shutdown.
@@ -293,22 +334,23 @@ fn code_digest(code: &str) -> String {
 }
 
 /// Returns the stored credential, activating with the code when there is
-/// none or when a new code for the same device was given.
+/// none or when a new code for the same device was given. Returns `None`
+/// when `shutdown` turns true before an activation succeeded.
 async fn load_or_activate(
     client: &AgentClient,
     home: &AgentHome,
     options: &AgentOptions,
     facts: &DeviceFacts,
     shutdown: &watch::Receiver<bool>,
-) -> Result<Credential> {
+) -> Result<Option<Credential>> {
     let stored = home.load_credential()?;
     let code = options.activation_code.as_deref().filter(|c| !c.is_empty());
     let code = match (stored, code) {
-        (Some(stored), None) => return Ok(stored),
+        (Some(stored), None) => return Ok(Some(stored)),
         (Some(stored), Some(code))
             if stored.activation_code_sha256.as_deref() == Some(code_digest(code).as_str()) =>
         {
-            return Ok(stored);
+            return Ok(Some(stored));
         }
         (None, None) => {
             return Err(Error::Credential(format!(
@@ -321,12 +363,19 @@ async fn load_or_activate(
     };
     let (stored, code) = code;
 
-    // Activate, retrying only while the server is unreachable.
+    // Activate, retrying only while the server is unreachable. A shutdown
+    // ends the call in flight, which may wait for its timeout otherwise.
     let mut backoff = Backoff::default();
+    let mut stopping = shutdown.clone();
     let activated = loop {
-        match client.activate(code, facts).await {
+        let activation = tokio::select! {
+            activation = client.activate(code, facts) => activation,
+            _ = stopping.wait_for(|stop| *stop) => return Ok(None),
+        };
+        match activation {
             Ok(activated) => break activated,
-            Err(err) if is_retryable(&err) && !*shutdown.borrow() => {
+            Err(_) if *shutdown.borrow() => return Ok(None),
+            Err(err) if is_retryable(&err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     error = %err,
@@ -367,7 +416,7 @@ async fn load_or_activate(
     };
     home.save_credential(&credential)?;
     tracing::info!(device_id = credential.device_id, "device activated");
-    Ok(credential)
+    Ok(Some(credential))
 }
 
 #[cfg(test)]
@@ -388,5 +437,36 @@ mod tests {
         assert!(capped <= BACKOFF_MAX, "{capped:?}");
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn server_url_check_accepts_base_urls() {
+        for entry in [
+            "http://10.0.0.5:8080",
+            "https://manager.plant.example",
+            "http://[::1]:8080",
+            "https://proxy.plant.example/edgekeep",
+        ] {
+            assert_eq!(invalid_server_url(entry), None, "{entry}");
+        }
+    }
+
+    #[test]
+    fn server_url_check_rejects_other_entries() {
+        for (entry, reason) in [
+            ("10.0.0.5:8080", "not a URL"),
+            ("localhost:8080", "scheme is localhost"),
+            ("ftp://10.0.0.5", "scheme is ftp"),
+            ("http://", "not a URL"),
+            ("file:///var/lib/edgekeep", "scheme is file"),
+            ("http://10.0.0.5:8080?x=1", "query or fragment"),
+            ("http://10.0.0.5:8080#top", "query or fragment"),
+        ] {
+            let found = invalid_server_url(entry);
+            assert!(
+                found.as_deref().is_some_and(|found| found.contains(reason)),
+                "{entry}: expected {reason:?}, got {found:?}"
+            );
+        }
     }
 }

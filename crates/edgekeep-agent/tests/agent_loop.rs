@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::{Device, IDENTITY_CONFIG, read, snapshot_tree};
 use edgekeep_agent::{AgentOptions, JournalPhase};
+use edgekeep_api::AgentTimeouts;
 use edgekeep_api::agent::{AgentJob, JobResult};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -78,15 +79,53 @@ async fn start_stub(stub: Arc<Mutex<Stub>>) -> String {
 /// connections. Aborting the task closes the listening socket, so later
 /// connections are refused, as by a server that was killed.
 async fn start_stoppable_stub(stub: Arc<Mutex<Stub>>) -> (String, tokio::task::JoinHandle<()>) {
+    start_stub_hanging_on(stub, None).await
+}
+
+/// Starts a stub that reads each request whose path ends with `hang_on` and
+/// never responds to it, as a server that hangs in that call. It records
+/// nothing for such a request and serves every other one.
+async fn start_stub_hanging_on(
+    stub: Arc<Mutex<Stub>>,
+    hang_on: Option<&'static str>,
+) -> (String, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(serve(stream, stub.clone()));
+            tokio::spawn(serve_or_hang(stream, stub.clone(), hang_on));
         }
     });
     (format!("http://{address}"), task)
+}
+
+/// Starts a server that accepts connections and reads the requests but
+/// never responds, as a stopped (`kill -STOP`) server does.
+async fn start_frozen_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _request = read_request(&mut stream).await;
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+async fn serve_or_hang(mut stream: TcpStream, stub: Arc<Mutex<Stub>>, hang_on: Option<&str>) {
+    let Some(request) = read_request(&mut stream).await else {
+        return;
+    };
+    let path = request.path.split('?').next().unwrap_or_default();
+    if hang_on.is_some_and(|suffix| path.ends_with(suffix)) {
+        std::future::pending::<()>().await;
+    }
+    serve_request(stream, request, stub).await;
 }
 
 async fn read_request(stream: &mut TcpStream) -> Option<Request> {
@@ -132,10 +171,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
     })
 }
 
-async fn serve(mut stream: TcpStream, stub: Arc<Mutex<Stub>>) {
-    let Some(request) = read_request(&mut stream).await else {
-        return;
-    };
+async fn serve_request(mut stream: TcpStream, request: Request, stub: Arc<Mutex<Stub>>) {
     if request.path.starts_with("/store/") {
         let failure = {
             let mut stub = stub.lock().unwrap();
@@ -273,6 +309,7 @@ fn options(server_url: &str, device: &Device, config: &str, code: Option<&str>) 
         config_path: Some(config_path),
         home: Some(device.home.dir().to_path_buf()),
         http: None,
+        timeouts: AgentTimeouts::default(),
     }
 }
 
@@ -784,4 +821,176 @@ async fn empty_server_list_is_rejected() {
     let message = edgekeep_agent::run(options).await.unwrap_err().to_string();
     assert!(message.contains("invalid server list"), "{message}");
     assert!(message.contains("separated by commas"), "{message}");
+}
+
+/// Timeouts short enough that a test waits for a few of them in seconds.
+fn short_timeouts() -> AgentTimeouts {
+    AgentTimeouts {
+        activate: Duration::from_secs(1),
+        poll_margin: Duration::from_secs(1),
+        progress: Duration::from_secs(1),
+        result: Duration::from_secs(1),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_leaves_frozen_server_for_next() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    let stub = Arc::new(Mutex::new(Stub {
+        expected_results: 1,
+        ..Stub::default()
+    }));
+    let live_url = start_stub(stub.clone()).await;
+    stub.lock()
+        .unwrap()
+        .jobs
+        .push_back(backup_job(101, &live_url));
+
+    let servers = format!("{},{live_url}", start_frozen_server().await);
+    let mut options = options(&servers, &device, IDENTITY_CONFIG, Some("code-13"));
+    options.timeouts = short_timeouts();
+    let started = std::time::Instant::now();
+    let message = run_until_revoked(options).await;
+    let elapsed = started.elapsed();
+
+    assert!(message.contains("revoked"), "{message}");
+    let stub = stub.lock().unwrap();
+    assert_eq!(stub.activations, 1);
+    assert_eq!(stub.results.len(), 1);
+    assert_eq!(stub.results[0].0, 101);
+    assert!(stub.results[0].1.ok, "{:?}", stub.results[0].1.reason);
+    // One activation timeout of 1 s and one backoff of at most 1 s.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_leaves_frozen_server_for_next() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    // Both stubs share one job queue. The first serves activation and polls
+    // but never responds to a progress report.
+    let stub = Arc::new(Mutex::new(Stub {
+        expected_results: 1,
+        ..Stub::default()
+    }));
+    let (first_url, _first_task) = start_stub_hanging_on(stub.clone(), Some("/progress")).await;
+    let second_url = start_stub(stub.clone()).await;
+    stub.lock()
+        .unwrap()
+        .jobs
+        .push_back(backup_job(102, &first_url));
+
+    let servers = format!("{first_url},{second_url}");
+    let mut options = options(&servers, &device, IDENTITY_CONFIG, Some("code-14"));
+    options.timeouts = short_timeouts();
+    let started = std::time::Instant::now();
+    let message = run_until_revoked(options).await;
+    let elapsed = started.elapsed();
+
+    assert!(message.contains("revoked"), "{message}");
+    let stub = stub.lock().unwrap();
+    // Only the second stub records progress, so recorded progress for the
+    // job means a report reached it after the first timed out.
+    assert!(
+        stub.progress.iter().any(|(job_id, _)| *job_id == 102),
+        "{:?}",
+        stub.events
+    );
+    let ids: Vec<i64> = stub.results.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [102]);
+    assert!(stub.results[0].1.ok, "{:?}", stub.results[0].1.reason);
+    assert_eq!(
+        stub.result_hosts,
+        [second_url.trim_start_matches("http://")]
+    );
+    // One progress timeout of 1 s, not the default 30 s.
+    assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_leaves_frozen_server_for_next() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    // The first stub serves everything but never responds to a result.
+    let stub = Arc::new(Mutex::new(Stub {
+        expected_results: 1,
+        ..Stub::default()
+    }));
+    let (first_url, _first_task) = start_stub_hanging_on(stub.clone(), Some("/result")).await;
+    let second_url = start_stub(stub.clone()).await;
+    stub.lock()
+        .unwrap()
+        .jobs
+        .push_back(backup_job(103, &first_url));
+
+    let servers = format!("{first_url},{second_url}");
+    let mut options = options(&servers, &device, IDENTITY_CONFIG, Some("code-15"));
+    options.timeouts = short_timeouts();
+    let started = std::time::Instant::now();
+    let message = run_until_revoked(options).await;
+    let elapsed = started.elapsed();
+
+    assert!(message.contains("revoked"), "{message}");
+    let stub = stub.lock().unwrap();
+    let ids: Vec<i64> = stub.results.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [103]);
+    assert!(stub.results[0].1.ok, "{:?}", stub.results[0].1.reason);
+    assert_eq!(
+        stub.result_hosts,
+        [second_url.trim_start_matches("http://")]
+    );
+    // One result timeout of 1 s and one backoff of at most 1 s, not the
+    // default 15 minutes.
+    assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_activation_on_frozen_server() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    // The default activation timeout of 30 s would outlast the test.
+    let frozen = start_frozen_server().await;
+    let options = options(&frozen, &device, IDENTITY_CONFIG, Some("code-16"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(edgekeep_agent::run_until(options, stopped));
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = std::time::Instant::now();
+    stop.send(true).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .expect("the agent stops within 5 s of the shutdown")
+        .unwrap();
+
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(stopping.elapsed() < Duration::from_secs(2));
+    assert!(device.home.load_credential().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_server_entry_is_rejected() {
+    let device = Device::new("uid-b", IDENTITY_CONFIG);
+    device.populate("b");
+    for (list, entry) in [
+        ("10.0.0.5:8080", "10.0.0.5:8080"),
+        ("localhost:8080", "localhost:8080"),
+        ("ftp://10.0.0.5", "ftp://10.0.0.5"),
+        (
+            "http://127.0.0.1:1, manager.plant.example",
+            "manager.plant.example",
+        ),
+        (
+            "http://127.0.0.1:1?replica=1",
+            "http://127.0.0.1:1?replica=1",
+        ),
+    ] {
+        let options = options(list, &device, IDENTITY_CONFIG, Some("code-17"));
+        let started = std::time::Instant::now();
+        let message = edgekeep_agent::run(options).await.unwrap_err().to_string();
+        assert!(message.contains(&format!("{entry:?}")), "{list}: {message}");
+        assert!(message.contains("http://HOST:PORT"), "{list}: {message}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{list}");
+    }
+    assert!(device.home.load_credential().unwrap().is_none());
 }

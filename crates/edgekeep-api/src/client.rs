@@ -27,10 +27,15 @@ pub struct ApiError {
 
 impl ApiError {
     fn transport(url: &str, err: reqwest::Error) -> Self {
-        ApiError {
-            status: 0,
-            message: format!("request to {url} failed: {err}; check that the server is running"),
-        }
+        let message = if err.is_timeout() {
+            format!(
+                "request to {url} timed out: {err}; check that the server is running and \
+                 responding"
+            )
+        } else {
+            format!("request to {url} failed: {err}; check that the server is running")
+        };
+        ApiError { status: 0, message }
     }
 }
 
@@ -372,10 +377,45 @@ impl Client {
 pub struct AgentClient {
     http: reqwest::Client,
     servers: Arc<ServerList>,
+    timeouts: AgentTimeouts,
     credential: Option<String>,
     /// Id of the last job a poll of this client (or a clone) received; 0
     /// before the first one.
     last_received_job: Arc<AtomicI64>,
+}
+
+/// Request timeouts of the [`AgentClient`] calls. A call that times out is a
+/// transport error (status 0), so it moves the client on to the next server
+/// like a refused connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentTimeouts {
+    /// Maximum time of an activation.
+    pub activate: Duration,
+    /// Time a long poll may take beyond the wait it requests from the server.
+    pub poll_margin: Duration,
+    /// Maximum time of a progress report.
+    pub progress: Duration,
+    /// Maximum time of a result report.
+    pub result: Duration,
+}
+
+impl Default for AgentTimeouts {
+    fn default() -> Self {
+        AgentTimeouts {
+            activate: Duration::from_secs(30),
+            poll_margin: Duration::from_secs(30),
+            progress: Duration::from_secs(30),
+            // A success report for a backup returns only after the server has
+            // downloaded, verified and copied the upload, which for a few GB
+            // takes minutes. 15 minutes covers about 60 GB at 70 MB/s for the
+            // three steps together (an assumption, not a measurement). A
+            // report that times out is repeated on the next server, which
+            // validates the same upload again and lists the backup once, so
+            // a bound that is too short costs a second validation, not the
+            // backup.
+            result: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 /// The server base URLs of an [`AgentClient`] and the index of the one in
@@ -460,9 +500,22 @@ impl AgentClient {
         AgentClient {
             http,
             servers: Arc::new(ServerList::new(urls)),
+            timeouts: AgentTimeouts::default(),
             credential,
             last_received_job: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// Replaces the request timeouts of the calls. Clones made after this
+    /// keep the new timeouts and still share the server in use.
+    pub fn with_timeouts(mut self, timeouts: AgentTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Returns the request timeouts of the calls.
+    pub fn timeouts(&self) -> AgentTimeouts {
+        self.timeouts
     }
 
     /// Returns the base URL the next call goes to.
@@ -527,7 +580,8 @@ impl AgentClient {
             activation_code: activation_code.to_string(),
             facts: facts.clone(),
         };
-        let (content, _) = self.send(builder.json(&body), &url, index).await?;
+        let builder = builder.json(&body).timeout(self.timeouts.activate);
+        let (content, _) = self.send(builder, &url, index).await?;
         required(content, &url)
     }
 
@@ -550,7 +604,7 @@ impl AgentClient {
         let builder = builder
             .query(&query)
             .json(facts)
-            .timeout(wait + Duration::from_secs(30));
+            .timeout(wait + self.timeouts.poll_margin);
         let (content, _): (Option<AgentJob>, _) = self.send(builder, &url, index).await?;
         if let Some(job) = &content {
             self.last_received_job.store(job.job_id(), Ordering::SeqCst);
@@ -565,15 +619,16 @@ impl AgentClient {
     ) -> ApiResult<ProgressReply> {
         let path = format!("/agent/v1/jobs/{job_id}/progress");
         let (builder, url, index) = self.request(Method::POST, &path);
-        let (content, _) = self.send(builder.json(report), &url, index).await?;
+        let builder = builder.json(report).timeout(self.timeouts.progress);
+        let (content, _) = self.send(builder, &url, index).await?;
         required(content, &url)
     }
 
     pub async fn report_result(&self, job_id: i64, result: &JobResult) -> ApiResult<()> {
         let path = format!("/agent/v1/jobs/{job_id}/result");
         let (builder, url, index) = self.request(Method::POST, &path);
-        let _: (Option<serde_json::Value>, _) =
-            self.send(builder.json(result), &url, index).await?;
+        let builder = builder.json(result).timeout(self.timeouts.result);
+        let _: (Option<serde_json::Value>, _) = self.send(builder, &url, index).await?;
         Ok(())
     }
 }
@@ -597,8 +652,26 @@ mod tests {
         format!("http://{address}")
     }
 
-    /// Serves every request with `status` and an envelope whose content is
-    /// `{"cancelled": false}`, as a progress reply.
+    /// Accepts connections and reads the requests but never responds, as a
+    /// stopped (`kill -STOP`) or hung server does.
+    async fn frozen_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut open_streams = Vec::new();
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut buffer = vec![0u8; 16 * 1024];
+                let _ = stream.read(&mut buffer).await;
+                open_streams.push(stream);
+            }
+        });
+        format!("http://{address}")
+    }
+
+    /// Serves every request with `status` and an envelope whose content fits
+    /// the call: an activation response, a progress reply that does not
+    /// cancel, or `null` for any other path.
     async fn fixed_server(status: u16) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -608,8 +681,16 @@ mod tests {
                 tokio::spawn(async move {
                     // The requests in these tests fit in one read.
                     let mut buffer = vec![0u8; 16 * 1024];
-                    let _ = stream.read(&mut buffer).await;
-                    let body = r#"{"code":"200","content":{"cancelled":false}}"#;
+                    let read = stream.read(&mut buffer).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&buffer[..read]);
+                    let path = request.split(' ').nth(1).unwrap_or_default();
+                    let body = if path.ends_with("/activate") {
+                        r#"{"code":"200","content":{"projectId":1,"deviceId":2,"deviceUid":"uid-b","deviceName":"line-2","credential":"secret"}}"#
+                    } else if path.ends_with("/progress") {
+                        r#"{"code":"200","content":{"cancelled":false}}"#
+                    } else {
+                        r#"{"code":"200","content":null}"#
+                    };
                     let response = format!(
                         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -687,6 +768,110 @@ mod tests {
             let expected = if moves { &second } else { &first };
             assert_eq!(client.base_url(), expected, "after HTTP {status}");
         }
+    }
+
+    fn facts() -> DeviceFacts {
+        DeviceFacts {
+            arch: "x86_64".into(),
+            platform_version: "2.1.0".into(),
+            agent_version: "0.1.0".into(),
+            hostname: "line-2".into(),
+        }
+    }
+
+    /// Returns a client whose first server is frozen and whose second
+    /// responds, with every call limited to `timeout`.
+    async fn client_with_frozen_first(timeout: Duration) -> (AgentClient, String, String) {
+        let frozen = frozen_server().await;
+        let live = fixed_server(200).await;
+        let timeouts = AgentTimeouts {
+            activate: timeout,
+            poll_margin: timeout,
+            progress: timeout,
+            result: timeout,
+        };
+        let client = AgentClient::new(&format!("{frozen},{live}"), None).with_timeouts(timeouts);
+        (client, frozen, live)
+    }
+
+    /// Asserts that a call to the frozen server failed as a timeout within
+    /// a few multiples of `timeout`, and that the client moved on to `live`.
+    fn assert_timed_out_and_moved(
+        error: &ApiError,
+        elapsed: Duration,
+        timeout: Duration,
+        client: &AgentClient,
+        live: &str,
+    ) {
+        assert_eq!(error.status, 0, "{error}");
+        assert!(error.message.contains("timed out"), "{error}");
+        assert!(elapsed >= timeout, "returned after {elapsed:?}");
+        assert!(elapsed < timeout * 10, "returned after {elapsed:?}");
+        assert_eq!(client.base_url(), live, "the next call goes elsewhere");
+    }
+
+    #[tokio::test]
+    async fn frozen_server_activation_moves_on() {
+        let timeout = Duration::from_millis(300);
+        let (client, frozen, live) = client_with_frozen_first(timeout).await;
+        assert_eq!(client.base_url(), frozen);
+
+        let started = std::time::Instant::now();
+        let error = client.activate("code-1", &facts()).await.unwrap_err();
+        assert_timed_out_and_moved(&error, started.elapsed(), timeout, &client, &live);
+        let activated = client.activate("code-1", &facts()).await.unwrap();
+        assert_eq!(activated.device_id, 2);
+    }
+
+    #[tokio::test]
+    async fn frozen_server_progress_moves_on() {
+        let timeout = Duration::from_millis(300);
+        let (client, _, live) = client_with_frozen_first(timeout).await;
+
+        let started = std::time::Instant::now();
+        let error = client.report_progress(7, &report()).await.unwrap_err();
+        assert_timed_out_and_moved(&error, started.elapsed(), timeout, &client, &live);
+        let reply = client.report_progress(7, &report()).await.unwrap();
+        assert!(!reply.cancelled);
+    }
+
+    #[tokio::test]
+    async fn frozen_server_result_moves_on() {
+        let timeout = Duration::from_millis(300);
+        let (client, _, live) = client_with_frozen_first(timeout).await;
+        let result = JobResult {
+            ok: true,
+            reason: None,
+            size: Some(4096),
+            checksum: Some("ab".repeat(32)),
+        };
+
+        let started = std::time::Instant::now();
+        let error = client.report_result(7, &result).await.unwrap_err();
+        assert_timed_out_and_moved(&error, started.elapsed(), timeout, &client, &live);
+        client.report_result(7, &result).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn frozen_server_poll_moves_on() {
+        let timeout = Duration::from_millis(300);
+        let (client, _, live) = client_with_frozen_first(timeout).await;
+        let wait = Duration::from_secs(1);
+
+        let started = std::time::Instant::now();
+        let error = client.next_job(&facts(), wait).await.unwrap_err();
+        assert_timed_out_and_moved(&error, started.elapsed(), wait + timeout, &client, &live);
+        assert!(client.next_job(&facts(), wait).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn default_timeouts_bound_every_call() {
+        let timeouts = AgentClient::new("http://127.0.0.1:8080", None).timeouts();
+        assert_eq!(timeouts, AgentTimeouts::default());
+        assert_eq!(timeouts.activate, Duration::from_secs(30));
+        assert_eq!(timeouts.poll_margin, Duration::from_secs(30));
+        assert_eq!(timeouts.progress, Duration::from_secs(30));
+        assert_eq!(timeouts.result, Duration::from_secs(15 * 60));
     }
 
     #[tokio::test]

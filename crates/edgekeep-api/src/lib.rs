@@ -9,7 +9,7 @@ pub mod agent;
 pub mod client;
 pub mod model;
 
-pub use client::{AgentClient, ApiError, Client};
+pub use client::{AgentClient, AgentTimeouts, ApiError, Client};
 pub use model::*;
 
 /// Header that carries an API token on every REST call.

@@ -41,6 +41,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config_path: args.config,
         home: args.home,
         http: None,
+        timeouts: edgekeep_api::AgentTimeouts::default(),
     };
     edgekeep_agent::run(options).await?;
     Ok(())

@@ -180,6 +180,7 @@ impl Agents {
                     config_path: Some(created.folder.config()),
                     home: Some(created.folder.home()),
                     http: Some(http.clone()),
+                    timeouts: edgekeep_api::AgentTimeouts::default(),
                 };
                 let span = tracing::info_span!(
                     "device",
