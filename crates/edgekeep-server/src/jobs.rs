@@ -22,6 +22,20 @@ const STRAY_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// so an upload that races with its job's start is not deleted.
 pub const STRAY_OBJECT_GRACE: Duration = Duration::from_secs(60);
 
+/// How often `backups/` is swept for copies that no backup lists. Such a
+/// copy is left when a replica stops between copying a verified upload to
+/// its final key and listing it. The sweep lists every backup's key, so it
+/// runs less often than the upload sweep.
+const BACKUP_COPY_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Returns the job id in a listed backup's key,
+/// `backups/{projectId}/{deviceId}/{backupType}/{timestamp}-{jobId}.dat`.
+fn backup_copy_job_id(key: &str) -> Option<i64> {
+    let name = key.strip_prefix("backups/")?.rsplit('/').next()?;
+    let (_timestamp, job_id) = name.strip_suffix(".dat")?.split_once('-')?;
+    job_id.parse().ok()
+}
+
 /// Returns the job id in an upload key: `uploads/{id}.dat` or
 /// `staging/jobs/{id}.dat`.
 fn upload_job_id(key: &str) -> Option<i64> {
@@ -362,6 +376,42 @@ impl Manager {
         Ok(deleted)
     }
 
+    /// Deletes each object under `backups/` that no backup lists, that is
+    /// older than `grace` and whose job is no longer queued or running.
+    /// Returns how many objects were deleted.
+    pub async fn sweep_unlisted_backup_copies(&self, grace: Duration) -> Result<usize> {
+        let cutoff = crate::now_ms() - grace.as_millis() as i64;
+        let objects = self.objects.list("backups/").await?;
+        let listed: std::collections::HashSet<String> =
+            self.store.backup_object_keys().await?.into_iter().collect();
+        let mut deleted = 0;
+        for object in objects {
+            if object.modified_ms > cutoff || listed.contains(&object.key) {
+                continue;
+            }
+            // Keys in another layout are left alone, and so is the copy of a
+            // job that another replica is still listing.
+            let Some(job_id) = backup_copy_job_id(&object.key) else {
+                continue;
+            };
+            let job_active = self.store.job(job_id).await?.is_some_and(|record| {
+                matches!(record.job.state, JobState::Queued | JobState::Running)
+            });
+            if job_active {
+                continue;
+            }
+            self.objects.delete(&object.key).await?;
+            tracing::info!(
+                key = %object.key,
+                job_id,
+                size = object.size,
+                "deleted a backup copy that no backup lists"
+            );
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
     /// Fails each running backup or restore job whose agent sent no progress
     /// report, and no result, within the heartbeat timeout, and deletes its
     /// uploaded file. The heartbeat times live in the store, so a job counts
@@ -459,10 +509,16 @@ pub fn spawn_background(
     }
     let watcher = tokio::spawn(async move {
         let mut last_stray_sweep: Option<tokio::time::Instant> = None;
+        let mut last_copy_sweep: Option<tokio::time::Instant> = None;
         every(IMPORT_POLL_INTERVAL, shutdown, || {
             let sweep_due = last_stray_sweep.is_none_or(|at| at.elapsed() >= STRAY_SWEEP_INTERVAL);
             if sweep_due {
                 last_stray_sweep = Some(tokio::time::Instant::now());
+            }
+            let copy_sweep_due =
+                last_copy_sweep.is_none_or(|at| at.elapsed() >= BACKUP_COPY_SWEEP_INTERVAL);
+            if copy_sweep_due {
+                last_copy_sweep = Some(tokio::time::Instant::now());
             }
             let manager = &manager;
             async move {
@@ -473,6 +529,13 @@ pub fn spawn_background(
                     && let Err(error) = manager.sweep_stray_objects(STRAY_OBJECT_GRACE).await
                 {
                     tracing::warn!(error = %error, "sweep of stray uploads failed; retrying");
+                }
+                if copy_sweep_due
+                    && let Err(error) = manager
+                        .sweep_unlisted_backup_copies(STRAY_OBJECT_GRACE)
+                        .await
+                {
+                    tracing::warn!(error = %error, "sweep of unlisted backup copies failed; retrying");
                 }
             }
         })

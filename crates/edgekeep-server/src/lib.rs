@@ -135,18 +135,20 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     }
     let data_lock = lock_data_dir(
         data_dir,
-        "stop that server or give this one another --data-dir",
+        "stop that process or give this one another --data-dir",
     )?;
 
-    // Metadata store and the administrator token.
+    clear_temp_dir(&temp_dir)?;
+
+    // Metadata store.
     let store: Arc<dyn Store> = match config.configured_database_url()? {
         Some(url) => Arc::new(PostgresStore::connect(&url).await?),
         None => Arc::new(SqliteStore::open(&data_dir.join("edgekeep.db"))?),
     };
-    let admin_token_created =
-        bootstrap_admin_token(store.as_ref(), config.configured_admin_token()?).await?;
 
-    // Listener and object storage.
+    // Listener and object storage, before the administrator token, so a
+    // start that fails here prints no token that the next start would not
+    // show again.
     let api_listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
             "failed to bind the API listener on {}; check --listen",
@@ -164,6 +166,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let s3_url = storage.public_url.clone();
     let s3_addr = storage.embedded.as_ref().map(|embedded| embedded.addr);
+    let admin_token_created =
+        bootstrap_admin_token(store.as_ref(), config.configured_admin_token()?).await?;
 
     let mut manager = Manager::new(
         store,
@@ -315,6 +319,31 @@ async fn open_external_s3(config: &Config, endpoint: &str) -> anyhow::Result<Obj
         public_url,
         embedded: None,
     })
+}
+
+/// Deletes the files that validations of a stopped server left in
+/// `DATA/tmp`. The data folder's lock is held, so no other process uses
+/// them.
+fn clear_temp_dir(temp_dir: &Path) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(temp_dir)
+        .with_context(|| format!("failed to read {}", temp_dir.display()))?;
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("failed to read {}", temp_dir.display()))?
+            .path();
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.with_context(|| format!("failed to delete the leftover {}", path.display()))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        tracing::info!(removed, dir = %temp_dir.display(), "deleted leftover temporary files");
+    }
+    Ok(())
 }
 
 /// Takes an exclusive `flock` on `DATA/server.lock` and writes this

@@ -289,6 +289,51 @@ async fn stray_uploads_are_swept(store: StoreChoice) {
     server.stop().await;
 }
 
+async fn unlisted_backup_copies_are_swept(store: StoreChoice) {
+    let server = common::start(&store).await;
+    let client = server.client();
+    let manager = &server.server.manager;
+    let (project_id, device, agent) = common::project_with_agent(&server, "gw-1").await;
+    let finished = backup_with_source(&server, project_id, &device, &agent, &device.uid).await;
+    assert_eq!(finished.state, JobState::Succeeded, "{:?}", finished.reason);
+    let listed = client.list_backups(project_id, device.id).await.unwrap();
+    let listed_key = format!(
+        "backups/{project_id}/{}/MASTER/{}-{}.dat",
+        device.id, listed[0].timestamp, finished.id
+    );
+
+    // A replica that stopped between copying and listing left a copy of the
+    // finished job; a running job's copy and a key in another layout stay.
+    let (running_id, _) = claim_backup(&client, project_id, &device, &agent).await;
+    let prefix = format!("backups/{project_id}/{}/MASTER", device.id);
+    let orphan_key = format!("{prefix}/1700000000000-{}.dat", finished.id);
+    let running_key = format!("{prefix}/1700000000001-{running_id}.dat");
+    let other_layout_key = format!("{prefix}/1700000000002.dat");
+    let objects = manager.objects();
+    for key in [&orphan_key, &running_key, &other_layout_key] {
+        objects
+            .put(key, bytes::Bytes::from_static(b"copy"))
+            .await
+            .unwrap();
+    }
+
+    let kept = manager
+        .sweep_unlisted_backup_copies(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
+    let deleted = manager
+        .sweep_unlisted_backup_copies(Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(objects.head(&orphan_key).await.unwrap(), None);
+    assert!(objects.head(&listed_key).await.unwrap().is_some());
+    assert!(objects.head(&running_key).await.unwrap().is_some());
+    assert!(objects.head(&other_layout_key).await.unwrap().is_some());
+    server.stop().await;
+}
+
 async fn oversized_upload_fails_job(store: StoreChoice) {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start_with(dir, &store, |config| config.max_backup_size = 100).await;
@@ -498,6 +543,7 @@ store_tests!(
     backup_naming_other_device_fails,
     restore_identity_only_for_own_backup,
     stray_uploads_are_swept,
+    unlisted_backup_copies_are_swept,
     oversized_upload_fails_job,
     stalled_job_fails_after_heartbeat_timeout,
     second_server_on_data_dir_fails,
@@ -648,4 +694,42 @@ async fn exhausted_backup_clock_is_error() {
     let again = store.next_timestamp(project.id, now).await.unwrap_err();
     assert!(again.to_string().contains("exhausted"), "{again}");
     assert!(store.project(project.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn leftover_temp_files_are_deleted_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let temp = dir.path().join("tmp");
+    std::fs::create_dir_all(temp.join("nested")).unwrap();
+    std::fs::write(temp.join(".tmpAbC123"), vec![0u8; 4096]).unwrap();
+    std::fs::write(temp.join("nested/part"), b"x").unwrap();
+
+    let server = common::start_with(dir, &StoreChoice::Sqlite, |_| {}).await;
+    let left: Vec<_> = std::fs::read_dir(server.data_dir().join("tmp"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failed_first_start_creates_no_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = common::test_config(dir.path());
+    config.admin_token = None;
+    config.listen = taken.local_addr().unwrap();
+    let error = match edgekeep_server::start(config).await {
+        Ok(_) => panic!("the server started on a port that is taken"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("failed to bind the API listener"), "{error}");
+
+    // The next start creates the token and prints it.
+    let mut config = common::test_config(dir.path());
+    config.admin_token = None;
+    let server = edgekeep_server::start(config).await.unwrap();
+    assert!(server.admin_token_created);
+    server.shutdown().await;
 }

@@ -52,11 +52,17 @@ fn format_report(report: &Report) -> String {
             table.table, table.rows
         ));
     }
-    let objects = format!(
+    let mut objects = format!(
         "{} ({})",
         counted(report.objects, "object"),
         crate::cli::format_bytes(report.bytes)
     );
+    if report.objects_present > 0 {
+        objects.push_str(&format!(
+            ", {} of them already in the bucket with the same content",
+            report.objects_present
+        ));
+    }
     if report.dry_run {
         text.push_str(&format!(
             "Dry run: would copy {objects}; both sides were checked in {:.1} s and nothing \
@@ -75,6 +81,28 @@ fn format_report(report: &Report) -> String {
             report.seconds
         ));
     }
+    if !report.skipped.is_empty() {
+        let verb = if report.dry_run {
+            "Would leave"
+        } else {
+            "Left"
+        };
+        text.push_str(&format!(
+            "{verb} out {} (--skip-damaged):\n",
+            counted(report.skipped.len() as u64, "damaged backup")
+        ));
+        for backup in &report.skipped {
+            text.push_str(&format!(
+                "  project {} device {} {} backup {} ({}): {}\n",
+                backup.project_id,
+                backup.device_id,
+                backup.backup_type,
+                backup.timestamp,
+                backup.key,
+                backup.reason
+            ));
+        }
+    }
     text
 }
 
@@ -90,7 +118,7 @@ fn counted(count: u64, noun: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgekeep_server::migrate::TableRows;
+    use edgekeep_server::migrate::{SkippedBackup, TableRows};
 
     fn report(dry_run: bool) -> Report {
         Report {
@@ -117,6 +145,8 @@ mod tests {
             backups: 1,
             objects: 2,
             bytes: 3 << 20,
+            objects_present: 0,
+            skipped: Vec::new(),
             seconds: 1.5,
         }
     }
@@ -151,6 +181,34 @@ mod tests {
                  nothing was changed.\n"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn report_lists_skipped_backups_and_present_objects() {
+        let mut report = report(false);
+        report.objects_present = 1;
+        report.skipped.push(SkippedBackup {
+            project_id: 1,
+            device_id: 4,
+            backup_type: "MASTER".into(),
+            timestamp: 1796400000000,
+            key: "backups/1/4/MASTER/1796400000000-7.dat".into(),
+            reason: "the file is missing".into(),
+        });
+        let text = format_report(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[4].contains(
+                "2 objects (3.0 MiB), 1 of them already in the bucket with the same content, in"
+            ),
+            "{text}"
+        );
+        assert_eq!(lines[5], "Left out 1 damaged backup (--skip-damaged):");
+        assert_eq!(
+            lines[6],
+            "  project 1 device 4 MASTER backup 1796400000000 \
+             (backups/1/4/MASTER/1796400000000-7.dat): the file is missing"
         );
     }
 }

@@ -2,8 +2,8 @@
 //! S3 endpoint in one data folder) to PostgreSQL and an external S3
 //! service, keeping every id, credential hash, token, job and backup file.
 //!
-//! The source is locked like a running server would lock it and is only
-//! read. One PostgreSQL transaction applies the migrations, checks that the
+//! The source is locked like a running server would lock it, which writes
+//! the process id into `DATA/server.lock`, and is otherwise only read. One PostgreSQL transaction applies the migrations, checks that the
 //! target is empty and can hold every source column, copies the tables,
 //! advances the identity sequences and compares row counts. The objects are
 //! copied and read back next, and the transaction commits only after every
@@ -11,22 +11,33 @@
 //! backup listed whose file is missing and can be repeated.
 
 mod cell;
+mod plan;
 mod source;
 mod target;
 mod transfer;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use object_store::ObjectStore;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DEFAULT_S3_REGION};
 use crate::objects::Objects;
 use crate::store::postgres;
+pub use plan::SkippedBackup;
 use source::{Source, SourceTable};
 use transfer::ObjectCopy;
+
+/// Time allowed for connecting to PostgreSQL, and again for the response to
+/// the first query, so an address that accepts connections but never
+/// responds fails the run instead of holding the source lock forever. The
+/// server allows 10 s for a connection and 30 s for a pooled one.
+const DATABASE_RESPONSE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Tables in the order they are copied, so every foreign key points at a
 /// row already copied.
@@ -88,7 +99,8 @@ pub struct MigrateOptions {
     pub s3_virtual_hosted: bool,
 
     /// Bucket on the external S3 service that receives the objects. It must
-    /// exist and must not contain objects under the keys being copied.
+    /// exist and contain no objects under `backups/`, `uploads/` or
+    /// `staging/` other than identical copies of the files being moved.
     #[arg(long, env = "EDGEKEEP_BUCKET", default_value = "edgekeep")]
     pub bucket: String,
 
@@ -111,10 +123,18 @@ pub struct MigrateOptions {
     pub s3_secret_key_file: Option<PathBuf>,
 
     /// Check both sides and report what would be moved, without copying
-    /// anything. The metadata is copied in a transaction that is rolled
-    /// back, so type and constraint errors show up too.
+    /// anything. Every backup file is read to compare its SHA-256 with the
+    /// listing, so damaged backups show up, and the metadata is copied in a
+    /// transaction that is rolled back, so type and constraint errors show
+    /// up too.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Leave out backups whose file is missing or differs from its listed
+    /// size or SHA-256, and list them in the report. Their backup jobs are
+    /// still copied. Without it such a backup stops the migration.
+    #[arg(long)]
+    pub skip_damaged: bool,
 }
 
 impl MigrateOptions {
@@ -159,6 +179,12 @@ pub struct Report {
     /// Objects copied: backup files and files of pending imports.
     pub objects: u64,
     pub bytes: u64,
+    /// Objects of `objects` that the target bucket already contained with
+    /// the same size and SHA-256, such as from an interrupted run, and that
+    /// were not copied again.
+    pub objects_present: u64,
+    /// Damaged backups left out with `--skip-damaged`.
+    pub skipped: Vec<SkippedBackup>,
     pub seconds: f64,
 }
 
@@ -177,30 +203,21 @@ pub async fn run(options: &MigrateOptions) -> anyhow::Result<Report> {
     let database_url = config.configured_database_url()?.ok_or_else(|| {
         anyhow::anyhow!("missing --database-url: give the PostgreSQL URL of the new metadata store")
     })?;
-    let endpoint = config
-        .configured_s3_endpoint()?
-        .ok_or_else(|| anyhow::anyhow!("missing --s3-endpoint: give the S3 service URL"))?;
+    let endpoint = check_s3_endpoint(&options.s3_endpoint)?;
 
-    // Source: lock the folder first, so a running server is found before
-    // anything else happens.
+    // Source: checked, then locked, so a wrong folder gets no lock file and
+    // a running server is found before any target is contacted.
     let data_dir = &options.data_dir;
-    anyhow::ensure!(
-        data_dir.join("edgekeep.db").is_file(),
-        "no embedded metadata database at {}; give --data-dir the folder that edgekeep server \
-         used, which contains edgekeep.db and objects/",
-        data_dir.join("edgekeep.db").display()
-    );
+    source::check_database(data_dir)?;
     let _lock = crate::lock_data_dir(
         data_dir,
         "stop that server, then run the migration again (the source was not changed)",
     )?;
     let source = Source::open(data_dir)?;
     let tables = ordered_tables(source.tables().await?)?;
-    let (source_bucket_dir, objects) =
-        plan_objects(&source, data_dir, options.source_bucket.as_deref()).await?;
 
     // Target database: everything below runs in one transaction.
-    let mut client = postgres::connect_client(&database_url).await?;
+    let mut client = connect_database(&database_url, DATABASE_RESPONSE_TIMEOUT).await?;
     let transaction = client
         .transaction()
         .await
@@ -209,16 +226,25 @@ pub async fn run(options: &MigrateOptions) -> anyhow::Result<Report> {
     target::check_empty(&transaction).await?;
     target::check_columns(&tables, &target::columns(&transaction).await?)?;
     let target_database = target::database_name(&transaction).await?;
-
-    // Target bucket.
     let storage = crate::open_external_s3(&config, &endpoint).await?;
-    check_keys_free(&storage.objects, &config.bucket, &objects).await?;
 
-    let table_rows = copy_metadata(&transaction, &source, &tables).await?;
+    // Source files, each read whole, then the target bucket.
+    let plan = plan::plan_objects(
+        &source,
+        data_dir,
+        options.source_bucket.as_deref(),
+        options.skip_damaged,
+    )
+    .await?;
+    let present =
+        plan::check_target_bucket(&storage.objects, &config.bucket, &endpoint, &plan.objects)
+            .await?;
+
+    let table_rows = copy_metadata(&transaction, &source, &tables, &plan.skipped).await?;
     let mut report = Report {
         dry_run: options.dry_run,
         data_dir: data_dir.clone(),
-        source_bucket_dir,
+        source_bucket_dir: plan.bucket_dir,
         target_database,
         target_endpoint: endpoint,
         target_bucket: config.bucket.clone(),
@@ -228,8 +254,10 @@ pub async fn run(options: &MigrateOptions) -> anyhow::Result<Report> {
         jobs: rows_of(&table_rows, "jobs"),
         backups: rows_of(&table_rows, "backups"),
         tables: table_rows,
-        objects: objects.len() as u64,
-        bytes: objects.iter().map(|object| object.size).sum(),
+        objects: plan.objects.len() as u64,
+        bytes: plan.objects.iter().map(|object| object.size).sum(),
+        objects_present: present.len() as u64,
+        skipped: plan.skipped,
         seconds: 0.0,
     };
     if options.dry_run {
@@ -241,30 +269,88 @@ pub async fn run(options: &MigrateOptions) -> anyhow::Result<Report> {
         return Ok(report);
     }
 
-    // Objects, and the commit only once every one of them verified.
-    copy_objects(&storage.objects, &objects).await?;
-    commit(transaction, &storage.objects, &objects).await?;
+    // Objects, and the commit only once every one of them verified. Only
+    // the objects this run copies are deleted after a failure.
+    let to_copy = objects_to_copy(plan.objects, &present);
+    copy_objects(&storage.objects, &to_copy).await?;
+    commit(transaction, &storage.objects, &to_copy).await?;
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         projects = report.projects,
         devices = report.devices,
         backups = report.backups,
         bytes = report.bytes,
+        skipped = report.skipped.len(),
         "migration committed"
     );
     Ok(report)
 }
 
-/// Copies every table, advances the identity sequences and compares the
-/// row counts with the source.
+/// Checks the `--s3-endpoint` URL and returns it without a trailing slash.
+/// Unlike the server's option, migrate's has no embedded default.
+fn check_s3_endpoint(endpoint: &str) -> anyhow::Result<String> {
+    let endpoint = endpoint.trim().trim_end_matches('/');
+    anyhow::ensure!(
+        endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+        "--s3-endpoint {endpoint:?} is not an http:// or https:// URL; give the URL of the \
+         external S3 service that receives the backup files, such as https://s3.example.com"
+    );
+    Ok(endpoint.to_string())
+}
+
+/// Connects to PostgreSQL and waits for the response to a first query, each
+/// within `timeout`. The error names the host and port, never the password.
+async fn connect_database(url: &str, timeout: Duration) -> anyhow::Result<tokio_postgres::Client> {
+    let timed_out = |step: &str| {
+        anyhow::anyhow!(
+            "PostgreSQL at {} did not respond to {step} within {} s; check that --database-url \
+             names a running PostgreSQL server and that nothing else listens at that port. \
+             Nothing was copied",
+            database_address(url),
+            timeout.as_secs_f64()
+        )
+    };
+    let client = tokio::time::timeout(timeout, postgres::connect_client(url))
+        .await
+        .map_err(|_| timed_out("the connection request"))??;
+    tokio::time::timeout(timeout, client.simple_query("SELECT 1"))
+        .await
+        .map_err(|_| timed_out("the first query"))?
+        .map_err(|e| anyhow::anyhow!("{}", postgres::describe(&e)))?;
+    Ok(client)
+}
+
+/// Describes the host and port of a PostgreSQL URL, without the user or
+/// password.
+fn database_address(url: &str) -> String {
+    use tokio_postgres::config::Host;
+
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "the address of --database-url".to_string();
+    };
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(name)) => name.clone(),
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("host {host} port {port}")
+}
+
+/// Copies every table, leaves out the rows of skipped backups, advances the
+/// identity sequences and compares the row counts with the source.
 async fn copy_metadata(
     transaction: &tokio_postgres::Transaction<'_>,
     source: &Source,
     tables: &[SourceTable],
+    skipped: &[SkippedBackup],
 ) -> anyhow::Result<Vec<TableRows>> {
     let mut table_rows = Vec::with_capacity(tables.len());
     for table in tables {
-        let rows = target::copy_table(transaction, source, table).await?;
+        let mut rows = target::copy_table(transaction, source, table).await?;
+        if table.name == "backups" {
+            rows -= target::delete_backups(transaction, skipped).await?;
+        }
         tracing::info!(table = table.name, rows, "copied table");
         table_rows.push(TableRows {
             table: table.name.clone(),
@@ -272,7 +358,7 @@ async fn copy_metadata(
         });
     }
     target::advance_sequences(transaction, source, tables).await?;
-    verify_counts(transaction, source, &table_rows).await?;
+    verify_counts(transaction, source, &table_rows, skipped.len() as u64).await?;
     Ok(table_rows)
 }
 
@@ -331,151 +417,87 @@ fn ordered_tables(found: Vec<SourceTable>) -> anyhow::Result<Vec<SourceTable>> {
     Ok(ordered)
 }
 
-/// Lists the files to copy: one per listed backup, which must be present
-/// with its listed size, and one per queued or running import whose file
-/// already arrived.
-async fn plan_objects(
-    source: &Source,
-    data_dir: &std::path::Path,
-    source_bucket: Option<&str>,
-) -> anyhow::Result<(Option<PathBuf>, Vec<ObjectCopy>)> {
-    let referenced = source.referenced_objects().await?;
-    if referenced.is_empty() {
-        return Ok((None, Vec::new()));
-    }
-    let Some(bucket_dir) = source::bucket_dir(data_dir, source_bucket)? else {
-        // Without a bucket folder no import file can have arrived either.
-        if referenced.iter().all(|object| object.listed.is_none()) {
-            return Ok((None, Vec::new()));
-        }
-        anyhow::bail!(
-            "the source database lists backups, but {} has no bucket folder; check --data-dir",
-            data_dir.join("objects").display()
-        );
-    };
-
-    let mut objects = Vec::with_capacity(referenced.len());
-    for object in referenced {
-        let path = source::object_path(&bucket_dir, &object.key)?;
-        let metadata = match std::fs::metadata(&path) {
-            Ok(metadata) if metadata.is_file() => Some(metadata),
-            Ok(_) => None,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-            Err(error) => {
-                return Err(anyhow::Error::from(error).context(format!(
-                    "failed to read {} of {}",
-                    path.display(),
-                    object.owner
-                )));
-            }
-        };
-        match (metadata, object.listed) {
-            (Some(metadata), Some((size, checksum))) => {
-                anyhow::ensure!(
-                    metadata.len() == size,
-                    "the file {} of {} has {} bytes, but {size} are listed; the source \
-                     installation is damaged, nothing was copied",
-                    path.display(),
-                    object.owner,
-                    metadata.len()
-                );
-                objects.push(ObjectCopy {
-                    key: object.key,
-                    path,
-                    owner: object.owner,
-                    size,
-                    checksum: Some(checksum.to_lowercase()),
-                });
-            }
-            (Some(metadata), None) => objects.push(ObjectCopy {
-                key: object.key,
-                path,
-                owner: object.owner,
-                size: metadata.len(),
-                checksum: None,
-            }),
-            (None, Some(_)) => anyhow::bail!(
-                "the file {} of {} is missing; the source installation is damaged, nothing was \
-                 copied",
-                path.display(),
-                object.owner
-            ),
-            (None, None) => {
-                tracing::info!(
-                    owner = object.owner,
-                    key = object.key,
-                    "no file has arrived for this import yet; its job is copied as it is"
-                );
-            }
-        }
-    }
-    Ok((Some(bucket_dir), objects))
-}
-
-/// Rejects a target bucket that already contains one of the keys to copy,
-/// so no object of another installation is overwritten.
-async fn check_keys_free(
-    objects: &Objects,
-    bucket: &str,
-    planned: &[ObjectCopy],
-) -> anyhow::Result<()> {
-    // One listing per top-level folder of the keys, such as `backups/`.
-    let prefixes: std::collections::BTreeSet<&str> = planned
-        .iter()
-        .filter_map(|object| object.key.split_once('/').map(|(folder, _)| folder))
-        .collect();
-    let mut existing = std::collections::HashSet::new();
-    for prefix in prefixes {
-        for object in objects.list(&format!("{prefix}/")).await? {
-            existing.insert(object.key);
-        }
-    }
-    for object in planned.iter().filter(|object| !object.key.contains('/')) {
-        if objects.head(&object.key).await?.is_some() {
-            existing.insert(object.key.clone());
-        }
-    }
-    let occupied: Vec<&str> = planned
-        .iter()
-        .map(|object| object.key.as_str())
-        .filter(|key| existing.contains(*key))
-        .collect();
-    if let Some(first) = occupied.first() {
-        anyhow::bail!(
-            "the target bucket {bucket} already contains {} of the objects to copy, such as \
-             {first}; give --bucket an empty bucket, or delete them if an interrupted migration \
-             left them there",
-            occupied.len()
-        );
-    }
-    Ok(())
-}
-
-/// Compares the row count of every table in the target with the source.
+/// Compares the row count of every table in the target with the source,
+/// less the `skipped_backups` rows left out of `backups`.
 async fn verify_counts(
     transaction: &tokio_postgres::Transaction<'_>,
     source: &Source,
     copied: &[TableRows],
+    skipped_backups: u64,
 ) -> anyhow::Result<()> {
     for table in copied {
         let in_source = source.count(&table.table).await?;
+        let left_out = if table.table == "backups" {
+            skipped_backups
+        } else {
+            0
+        };
         let in_target = target::count(transaction, &table.table).await?;
         anyhow::ensure!(
-            in_source == in_target,
-            "the table {} has {in_source} rows in the source but {in_target} in the target after \
-             the copy; nothing was committed",
+            in_source == in_target + left_out,
+            "the table {} has {in_source} rows in the source and {left_out} left out, but \
+             {in_target} in the target after the copy; nothing was committed",
             table.table
         );
     }
     Ok(())
 }
 
-/// Copies and verifies every object. On a failure, the objects copied so
-/// far are removed again before the error is returned.
+/// Returns the planned objects that the target bucket does not contain yet.
+fn objects_to_copy(planned: Vec<ObjectCopy>, present: &BTreeSet<String>) -> Vec<ObjectCopy> {
+    planned
+        .into_iter()
+        .filter(|object| !present.contains(&object.key))
+        .collect()
+}
+
+/// Copies and verifies every object. On a failure, or on SIGINT or SIGTERM,
+/// the upload in progress is aborted and the objects copied so far are
+/// removed again before the error is returned.
 async fn copy_objects(objects: &Objects, planned: &[ObjectCopy]) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let signals = cancel_on_signal(cancel.clone())?;
+    let result = copy_each(objects, planned, &cancel).await;
+    // NOTE: tokio keeps its handlers once installed, so a signal after the
+    // copy no longer ends the process and the commit runs to completion.
+    signals.abort();
+    result
+}
+
+/// Cancels `cancel` on the first SIGINT or SIGTERM.
+fn cancel_on_signal(cancel: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::warn!(
+            signal = name,
+            "stopping the copy and deleting the objects this run copied"
+        );
+        cancel.cancel();
+    }))
+}
+
+async fn copy_each(
+    objects: &Objects,
+    planned: &[ObjectCopy],
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     let store: Arc<dyn ObjectStore> = Arc::new(objects.store().clone());
     for (index, object) in planned.iter().enumerate() {
-        match transfer::copy_and_verify(&store, object).await {
+        if cancel.is_cancelled() {
+            remove_copies(objects, &planned[..index]).await;
+            anyhow::bail!(
+                "the migration was interrupted by a signal; the objects this run copied were \
+                 deleted and nothing was committed, so the migration can run again"
+            );
+        }
+        match transfer::copy_and_verify(&store, object, cancel).await {
             Ok(size) => tracing::info!(
                 key = object.key,
                 owner = object.owner,
@@ -486,6 +508,12 @@ async fn copy_objects(objects: &Objects, planned: &[ObjectCopy]) -> anyhow::Resu
             ),
             Err(error) => {
                 remove_copies(objects, &planned[..=index]).await;
+                if cancel.is_cancelled() {
+                    anyhow::bail!(
+                        "{error:#}; the objects this run copied were deleted and nothing was \
+                         committed, so the migration can run again"
+                    );
+                }
                 return Err(error);
             }
         }
@@ -549,6 +577,67 @@ mod tests {
         found.push(table("labels"));
         let error = ordered_tables(found).unwrap_err().to_string();
         assert!(error.contains("(labels)"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn connect_database_times_out_on_silent_listener() {
+        // A listener that accepts connections and never responds.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                sockets.push(socket);
+            }
+        });
+
+        let url = format!("postgres://edgekeep:hunter2@127.0.0.1:{port}/edgekeep");
+        let started = Instant::now();
+        let error = connect_database(&url, Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+        assert!(
+            error.contains(&format!(
+                "PostgreSQL at host 127.0.0.1 port {port} did not respond"
+            )),
+            "{error}"
+        );
+        assert!(error.contains("within 1 s"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+        accepted.abort();
+    }
+
+    #[test]
+    fn database_address_omits_credentials() {
+        assert_eq!(
+            database_address("postgres://edgekeep:secret@db.internal:6432/fleet"),
+            "host db.internal port 6432"
+        );
+        assert_eq!(
+            database_address("postgres://edgekeep@db.internal/fleet"),
+            "host db.internal port 5432"
+        );
+        assert_eq!(
+            database_address("not a url at all"),
+            "the address of --database-url"
+        );
+    }
+
+    #[test]
+    fn s3_endpoint_needs_http_url() {
+        assert_eq!(
+            check_s3_endpoint(" https://s3.example.com/ ").unwrap(),
+            "https://s3.example.com"
+        );
+        let error = check_s3_endpoint("notaurl").unwrap_err().to_string();
+        assert!(
+            error.contains("--s3-endpoint \"notaurl\" is not an http:// or https:// URL"),
+            "{error}"
+        );
+        assert!(error.contains("such as https://s3.example.com"), "{error}");
+        assert!(!error.contains("embedded"), "{error}");
     }
 
     #[test]

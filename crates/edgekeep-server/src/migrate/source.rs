@@ -35,9 +35,53 @@ pub(super) struct ReferencedObject {
     /// Description of the row that refers to it, for messages, such as
     /// `backup 1/4/MASTER/1796400000000`.
     pub owner: String,
-    /// The listed size and SHA-256 of a backup; `None` for an import file,
+    /// The backup row that lists the object; `None` for an import file,
     /// which is not validated yet.
-    pub listed: Option<(u64, String)>,
+    pub backup: Option<ListedBackup>,
+}
+
+/// A backup row: its key columns and the size and SHA-256 it lists.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ListedBackup {
+    pub project_id: i64,
+    pub device_id: i64,
+    pub backup_type: String,
+    pub timestamp: i64,
+    pub size: u64,
+    /// SHA-256 in lowercase hex.
+    pub checksum: String,
+}
+
+/// Checks that `DATA/edgekeep.db` is an edgekeep database with this
+/// version's schema, without keeping it open. It runs before the data
+/// folder is locked, so a wrong folder gets no lock file.
+pub(super) fn check_database(data_dir: &Path) -> anyhow::Result<()> {
+    let database = data_dir.join("edgekeep.db");
+    anyhow::ensure!(
+        database.is_file(),
+        "no embedded metadata database at {}; give --data-dir the folder that edgekeep server \
+         used, which contains edgekeep.db and objects/",
+        database.display()
+    );
+    let connection = open_read_only(&database)?;
+    check_schema_version(&connection, &database)
+}
+
+fn open_read_only(database: &Path) -> anyhow::Result<Connection> {
+    // Read only: the source stays as it was, so a failed run can be
+    // repeated. SQLite still reads a WAL left by a server that was killed.
+    let connection = Connection::open_with_flags(
+        database,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| {
+        format!(
+            "failed to open the source database {} read only",
+            database.display()
+        )
+    })?;
+    connection.busy_timeout(Duration::from_secs(10))?;
+    Ok(connection)
 }
 
 impl Source {
@@ -45,19 +89,7 @@ impl Source {
     /// one this version of edgekeep writes.
     pub(super) fn open(data_dir: &Path) -> anyhow::Result<Source> {
         let database = data_dir.join("edgekeep.db");
-        // Read only: the source stays as it was, so a failed run can be
-        // repeated. SQLite still reads a WAL left by a server that was killed.
-        let connection = Connection::open_with_flags(
-            &database,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .with_context(|| {
-            format!(
-                "failed to open the source database {} read only",
-                database.display()
-            )
-        })?;
-        connection.busy_timeout(Duration::from_secs(10))?;
+        let connection = open_read_only(&database)?;
         connection.execute_batch("BEGIN")?;
         check_schema_version(&connection, &database)?;
         Ok(Source {
@@ -201,10 +233,18 @@ impl Source {
                 let (project, device, backup_type, timestamp): (i64, i64, String, i64) =
                     (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
                 let size: i64 = row.get(4)?;
+                let checksum: String = row.get(5)?;
                 objects.push(ReferencedObject {
                     key: row.get(6)?,
                     owner: format!("backup {project}/{device}/{backup_type}/{timestamp}"),
-                    listed: Some((u64::try_from(size)?, row.get(5)?)),
+                    backup: Some(ListedBackup {
+                        project_id: project,
+                        device_id: device,
+                        backup_type,
+                        timestamp,
+                        size: u64::try_from(size)?,
+                        checksum: checksum.to_lowercase(),
+                    }),
                 });
             }
 
@@ -220,7 +260,7 @@ impl Source {
                 objects.push(ReferencedObject {
                     key: row.get(1)?,
                     owner: format!("import job {job}"),
-                    listed: None,
+                    backup: None,
                 });
             }
             Ok(objects)

@@ -8,6 +8,7 @@ use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
+use super::SkippedBackup;
 use super::cell::Conversion;
 use super::quote;
 use super::source::{Source, SourceTable};
@@ -245,6 +246,32 @@ pub(super) async fn advance_sequences(
         tracing::debug!(table, column, last, "advanced the identity sequence");
     }
     Ok(())
+}
+
+/// Deletes the copied rows of the backups left out of the migration and
+/// returns how many were deleted, which is one per skipped backup.
+pub(super) async fn delete_backups(
+    transaction: &Transaction<'_>,
+    skipped: &[SkippedBackup],
+) -> anyhow::Result<u64> {
+    for backup in skipped {
+        let deleted = transaction
+            .execute(
+                "DELETE FROM backups WHERE project_id = $1 AND backup_type = $2 \
+                 AND timestamp = $3",
+                &[&backup.project_id, &backup.backup_type, &backup.timestamp],
+            )
+            .await
+            .map_err(flatten)?;
+        anyhow::ensure!(
+            deleted == 1,
+            "failed to leave out the damaged backup {} of project {}: {deleted} rows matched; \
+             nothing was committed",
+            backup.timestamp,
+            backup.project_id
+        );
+    }
+    Ok(skipped.len() as u64)
 }
 
 /// Counts the rows of `table` in the target.

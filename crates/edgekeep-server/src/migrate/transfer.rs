@@ -1,7 +1,7 @@
 //! Streams object files from the embedded bucket folder to the external S3
 //! bucket and reads each one back to check its size and SHA-256.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,6 +12,7 @@ use object_store::path::Path as ObjectPath;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
+use tokio_util::sync::CancellationToken;
 
 /// Bytes read from a source file at a time.
 const READ_CHUNK: usize = 1 << 20;
@@ -27,38 +28,39 @@ pub(super) struct ObjectCopy {
     /// Description of the row that refers to the object, for messages.
     pub owner: String,
     pub size: u64,
-    /// The SHA-256 (lowercase hex) listed for a backup; `None` for an
-    /// import file, which is checked against its source file instead.
-    pub checksum: Option<String>,
+    /// SHA-256 (lowercase hex) of the file: the listed one for a backup,
+    /// which the source check compared with the file, and the file's own
+    /// for an import file.
+    pub sha256: String,
 }
 
 /// Uploads the file and checks both the file and the uploaded object
-/// against the listing. Returns the number of bytes copied.
+/// against the planned size and SHA-256. Returns the number of bytes
+/// copied. When `cancel` fires, the upload is aborted and an error returned.
 pub(super) async fn copy_and_verify(
     store: &Arc<dyn ObjectStore>,
     object: &ObjectCopy,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<u64> {
-    let (size, sha256) = upload(store, object).await?;
+    let (size, sha256) = upload(store, object, cancel).await?;
     anyhow::ensure!(
-        size == object.size,
-        "the source file {} of {} has {size} bytes, but {} are listed; the source \
-         installation is damaged, nothing was committed",
+        size == object.size && sha256 == object.sha256,
+        "the source file {} of {} changed during the copy: it now has {size} bytes with \
+         SHA-256 {sha256}, but {} bytes with SHA-256 {} were checked; make sure nothing writes \
+         to the data folder, then run the migration again. Nothing was committed",
         object.path.display(),
         object.owner,
-        object.size
+        object.size,
+        object.sha256
     );
-    let expected = object.checksum.as_deref().unwrap_or(&sha256);
-    anyhow::ensure!(
-        sha256 == expected,
-        "the source file {} of {} has SHA-256 {sha256}, but {expected} is listed; the source \
-         installation is damaged, nothing was committed",
-        object.path.display(),
-        object.owner
-    );
+    let expected = &object.sha256;
 
-    let (stored_size, stored_sha256) = digest(store, &object.key).await?;
+    let (stored_size, stored_sha256) = tokio::select! {
+        digest = digest(store, &object.key) => digest?,
+        () = cancel.cancelled() => anyhow::bail!(interrupted(object)),
+    };
     anyhow::ensure!(
-        stored_size == object.size && stored_sha256 == expected,
+        stored_size == object.size && stored_sha256 == *expected,
         "the copy of {} at {} reads back as {stored_size} bytes with SHA-256 {stored_sha256}, \
          but {} bytes with SHA-256 {expected} were expected; check the S3 service, nothing was \
          committed",
@@ -69,10 +71,18 @@ pub(super) async fn copy_and_verify(
     Ok(size)
 }
 
+fn interrupted(object: &ObjectCopy) -> String {
+    format!(
+        "the migration was interrupted by a signal while it copied {} to {}",
+        object.owner, object.key
+    )
+}
+
 /// Streams the file to the object and returns its size and SHA-256.
 async fn upload(
     store: &Arc<dyn ObjectStore>,
     object: &ObjectCopy,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<(u64, String)> {
     let file = tokio::fs::File::open(&object.path).await.with_context(|| {
         format!(
@@ -86,7 +96,17 @@ async fn upload(
         .with_max_concurrency(UPLOAD_CONCURRENCY);
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    while let Some(chunk) = chunks.next().await {
+    loop {
+        let chunk = tokio::select! {
+            chunk = chunks.next() => chunk,
+            () = cancel.cancelled() => {
+                abort(&mut writer, object).await;
+                anyhow::bail!(interrupted(object));
+            }
+        };
+        let Some(chunk) = chunk else {
+            break;
+        };
         let result = match chunk {
             Ok(chunk) => {
                 hasher.update(&chunk);
@@ -97,10 +117,7 @@ async fn upload(
                 .context(format!("failed to read {}", object.path.display()))),
         };
         if let Err(error) = result {
-            // Abort removes the parts of a multipart upload already sent.
-            if let Err(abort) = writer.abort().await {
-                tracing::warn!(key = object.key, error = %abort, "failed to abort the upload");
-            }
+            abort(&mut writer, object).await;
             return Err(error.context(format!("failed to copy {} to {}", object.owner, object.key)));
         }
     }
@@ -113,8 +130,19 @@ async fn upload(
     Ok((size, hex::encode(hasher.finalize())))
 }
 
+/// Aborts the upload, which removes the parts of a multipart upload
+/// already sent; a failure is logged, because the caller reports its own.
+async fn abort(writer: &mut BufWriter, object: &ObjectCopy) {
+    if let Err(error) = writer.abort().await {
+        tracing::warn!(key = object.key, error = %error, "failed to abort the upload");
+    }
+}
+
 /// Reads the object back and returns its size and SHA-256.
-async fn digest(store: &Arc<dyn ObjectStore>, key: &str) -> anyhow::Result<(u64, String)> {
+pub(super) async fn digest(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+) -> anyhow::Result<(u64, String)> {
     let result = store
         .get(&ObjectPath::from(key))
         .await
@@ -125,6 +153,21 @@ async fn digest(store: &Arc<dyn ObjectStore>, key: &str) -> anyhow::Result<(u64,
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.with_context(|| format!("failed to read back the copied object {key}"))?;
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Reads a source file in chunks and returns its size and SHA-256, without
+/// holding the whole file in memory.
+pub(super) async fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    let file = tokio::fs::File::open(path).await?;
+    let mut chunks = ReaderStream::with_capacity(file, READ_CHUNK);
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
     }

@@ -310,8 +310,8 @@ impl Manager {
     /// before this returns; a failed validation fails the job.
     ///
     /// A report that repeats the recorded outcome (a success for a
-    /// succeeded job, a failure for a failed one) is accepted again, because
-    /// an agent repeats its report on another replica when the first one
+    /// succeeded job, a failure for a failed one) is accepted again. An
+    /// agent repeats its report on another replica when the first replica
     /// recorded it and died before it sent its response.
     pub async fn report_result(
         &self,

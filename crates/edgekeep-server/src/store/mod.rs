@@ -250,4 +250,6 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<BackupRecord>>;
     /// Lists the device's backups newest first.
     async fn list_backups(&self, project_id: i64, device_id: i64) -> Result<Vec<Backup>>;
+    /// Returns the object key of every listed backup.
+    async fn backup_object_keys(&self) -> Result<Vec<String>>;
 }

@@ -139,9 +139,12 @@ pub(crate) async fn apply_migrations(
         .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
         .await
         .map_err(flatten)?;
+    // SET LOCAL keeps PostgreSQL's "already exists, skipping" notice out of
+    // the log of every start, for this transaction only.
     transaction
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "SET LOCAL client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                 version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )
         .await
@@ -1197,6 +1200,12 @@ impl Store for PostgresStore {
         let rows = client.query(&sql, &[&project_id, &device_id]).await?;
         let records = collect(rows, backup_from_row)?;
         Ok(records.into_iter().map(|record| record.backup).collect())
+    }
+
+    async fn backup_object_keys(&self) -> Result<Vec<String>> {
+        let client = self.pool.get().await?;
+        let rows = client.query("SELECT object_key FROM backups", &[]).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 }
 

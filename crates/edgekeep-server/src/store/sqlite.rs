@@ -1039,6 +1039,17 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn backup_object_keys(&self) -> Result<Vec<String>> {
+        self.call(|c| {
+            let mut statement = c.prepare("SELECT object_key FROM backups")?;
+            let keys = statement
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(keys)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -202,14 +202,20 @@ async fn migrated_backups_stay_downloadable_and_restorable() {
     );
     assert!(text.contains("Dry run: would copy 8 objects ("), "{text}");
 
-    // An object already stored under one of the keys stops the migration
-    // before anything is copied.
-    let taken = object_store::path::Path::from(format!(
+    // An object under one of the keys with other content, and one under
+    // `uploads/` that the migration does not copy, stop the migration
+    // before anything is copied, and both are named.
+    let taken_key = format!(
         "backups/{project}/{gw_a}/MASTER/{}-{}.dat",
         oldest.timestamp, oldest.job_id
-    ));
+    );
+    let taken = object_store::path::Path::from(taken_key.as_str());
+    let foreign = object_store::path::Path::from("uploads/999999.dat");
     let s3 = garage_client(garage);
     s3.put(&taken, b"another installation".to_vec().into())
+        .await
+        .unwrap();
+    s3.put(&foreign, b"another upload".to_vec().into())
         .await
         .unwrap();
     let output = migrate(&old.data_dir(), &target, &[]).await;
@@ -217,13 +223,32 @@ async fn migrated_backups_stay_downloadable_and_restorable() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(&format!(
-            "the target bucket {} already contains 1 of the objects to copy, such as {taken}",
+            "the target bucket {} contains 1 object under the keys to copy, with other content \
+             than the source files: {taken}",
             garage.bucket
         )),
         "{stderr}"
     );
-    assert_eq!(bucket_keys(garage).await, vec![taken.to_string()]);
-    s3.delete(&taken).await.unwrap();
+    assert!(
+        stderr.contains(
+            "1 object under backups/, uploads/, staging/ that this migration does not copy, \
+             which a server on this bucket would treat as its own or delete: uploads/999999.dat"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("aws s3 rm s3://"), "{stderr}");
+    assert_eq!(
+        bucket_keys(garage).await,
+        vec![taken.to_string(), foreign.to_string()]
+    );
+    s3.delete(&foreign).await.unwrap();
+
+    // The file that an interrupted run copied before it was killed: the
+    // same content under the same key is accepted and not copied again.
+    let source_file = old.data_dir().join("objects/edgekeep").join(&taken_key);
+    s3.put(&taken, std::fs::read(&source_file).unwrap().into())
+        .await
+        .unwrap();
 
     // The migration.
     let moved = report(&migrate(&old.data_dir(), &target, &["--json"]).await);
@@ -234,6 +259,8 @@ async fn migrated_backups_stay_downloadable_and_restorable() {
     assert_eq!(moved["jobs"], jobs.len() as u64);
     assert_eq!(moved["backups"], 7);
     assert_eq!(moved["objects"], 8);
+    assert_eq!(moved["objectsPresent"], 1);
+    assert_eq!(moved["skipped"], serde_json::json!([]));
     let listed_bytes: u64 = before.values().flatten().map(|b| b.size).sum();
     assert_eq!(moved["bytes"], listed_bytes + relocated.len() as u64);
     assert!(
@@ -414,4 +441,220 @@ async fn migrate_rejects_running_source() {
         .await
         .unwrap();
     assert!(health.status().is_success(), "the server still runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_reports_and_skips_damaged_backups() {
+    let Some(target) = StoreChoice::postgres().await else {
+        return;
+    };
+    let garage = target.garage().unwrap();
+
+    // One device with three backups: one keeps its file, one gets changed
+    // bytes of the same size and one loses its file.
+    let mut old = Server::start(&StoreChoice::Sqlite);
+    let client = old.client();
+    let project = client.create_project("plant-1").await.unwrap().id;
+    let (activation, mut agent) = add_device(&old, project, "gw-a", "").await;
+    let device = activation.device.id;
+    let mut backups = Vec::new();
+    for _ in 0..3 {
+        backups.push(backup(&old, project, device).await);
+    }
+    let jobs = client.list_jobs(None, None, None).await.unwrap().len() as u64;
+    old.stop();
+    agent.kill();
+
+    let key_of = |backup: &Backup| {
+        format!(
+            "backups/{project}/{device}/MASTER/{}-{}.dat",
+            backup.timestamp, backup.job_id
+        )
+    };
+    let bucket_dir = old.data_dir().join("objects/edgekeep");
+    let (intact, changed, missing) = (&backups[0], &backups[1], &backups[2]);
+    let changed_file = bucket_dir.join(key_of(changed));
+    let mut bytes = std::fs::read(&changed_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&changed_file, &bytes).unwrap();
+    let changed_digest = hex::encode(sha2_digest(&bytes));
+    std::fs::remove_file(bucket_dir.join(key_of(missing))).unwrap();
+
+    // The dry run reads every file and lists both damaged backups.
+    let expected_lines = [
+        format!(
+            "  project {project} device {device} MASTER backup {} ({}): the file has SHA-256 \
+             {changed_digest}, but {} is listed",
+            changed.timestamp,
+            key_of(changed),
+            changed.checksum
+        ),
+        format!(
+            "  project {project} device {device} MASTER backup {} ({}): the file is missing",
+            missing.timestamp,
+            key_of(missing)
+        ),
+    ];
+    for args in [&["--dry-run"][..], &[]] {
+        let output = migrate(&old.data_dir(), &target, args).await;
+        assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("2 of the 3 listed backups are damaged in the source"),
+            "{args:?}: {stderr}"
+        );
+        for line in &expected_lines {
+            assert!(stderr.contains(line.as_str()), "{args:?}: {stderr}");
+        }
+        assert!(
+            stderr.contains("run the migration with --skip-damaged"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(bucket_keys(garage).await, Vec::<String>::new());
+    }
+
+    // With --skip-damaged the dry run and the migration leave both out.
+    let dry = report(
+        &migrate(
+            &old.data_dir(),
+            &target,
+            &["--dry-run", "--skip-damaged", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(dry["backups"], 1);
+    assert_eq!(dry["skipped"].as_array().unwrap().len(), 2);
+    let moved = report(&migrate(&old.data_dir(), &target, &["--skip-damaged", "--json"]).await);
+    assert_eq!(moved["backups"], 1);
+    assert_eq!(moved["objects"], 1);
+    assert_eq!(moved["jobs"], jobs, "the jobs of skipped backups stay");
+    let skipped: Vec<(String, i64)> = moved["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|backup| {
+            (
+                backup["key"].as_str().unwrap().to_string(),
+                backup["timestamp"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        skipped,
+        vec![
+            (key_of(changed), changed.timestamp),
+            (key_of(missing), missing.timestamp)
+        ]
+    );
+    assert_eq!(bucket_keys(garage).await, vec![key_of(intact)]);
+
+    // A server on the new stores lists only the intact backup.
+    let new = Server::start(&target);
+    let listed = new.client().list_backups(project, device).await.unwrap();
+    assert_eq!(listed, vec![intact.clone()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_leaves_foreign_folder_without_lock_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = rusqlite::Connection::open(dir.path().join("edgekeep.db")).unwrap();
+    other
+        .execute_batch("CREATE TABLE readings (id INTEGER PRIMARY KEY)")
+        .unwrap();
+    drop(other);
+
+    let mut command = Command::new(BIN);
+    command
+        .args(["migrate", "--data-dir"])
+        .arg(dir.path())
+        .args(["--database-url", "postgres://edgekeep@127.0.0.1:9/edgekeep"])
+        .args(["--s3-endpoint", "http://127.0.0.1:9"])
+        .args(["--s3-access-key", "GKUNUSED", "--s3-secret-key", "unused"])
+        .stdin(Stdio::null());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is it an edgekeep database?"), "{stderr}");
+    assert!(!dir.path().join("server.lock").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_interrupted_deletes_its_copies() {
+    let Some(target) = StoreChoice::postgres().await else {
+        return;
+    };
+    let garage = target.garage().unwrap();
+
+    // Backups of incompressible content, so the copy takes long enough for
+    // a signal to arrive after the first object.
+    let mut old = Server::start(&StoreChoice::Sqlite);
+    let client = old.client();
+    let project = client.create_project("plant-1").await.unwrap().id;
+    let (activation, mut agent) = add_device(&old, project, "gw-a", "").await;
+    let mut firmware = vec![0u8; 24 << 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut firmware);
+    std::fs::write(agent.state().join("odd/firmware.bin"), &firmware).unwrap();
+    for _ in 0..4 {
+        backup(&old, project, activation.device.id).await;
+    }
+    old.stop();
+    agent.kill();
+
+    let mut command = Command::new(BIN);
+    command
+        .args(["migrate", "--data-dir"])
+        .arg(old.data_dir())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    target.configure(&mut command);
+    let stderr = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Read};
+
+        let mut child = command.spawn().unwrap();
+        let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut text = String::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 {
+            text.push_str(&line);
+            if line.contains("copied and verified object") {
+                break;
+            }
+            line.clear();
+        }
+        // SAFETY: kill(2) only sends a signal to the child, which has not
+        // been waited for, so its pid is still ours.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        reader.read_to_string(&mut text).unwrap();
+        let status = child.wait().unwrap();
+        (status, text)
+    })
+    .await
+    .unwrap();
+    let (status, stderr) = stderr;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the migration was interrupted by a signal"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the objects this run copied were deleted"),
+        "{stderr}"
+    );
+    assert_eq!(bucket_keys(garage).await, Vec::<String>::new());
+    let database = postgres::connect_client(&target.database_url().unwrap())
+        .await
+        .unwrap();
+    let tables: Option<String> = database
+        .query_one("SELECT to_regclass('projects')::TEXT", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, None, "nothing was committed");
 }
