@@ -109,15 +109,29 @@ pub fn run(args: FleetBenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_sizes(args))
+    // Ctrl-C drops the run: the server child is killed on drop and the
+    // temporary folder removed, instead of both outliving the bench.
+    runtime.block_on(async {
+        tokio::select! {
+            result = run_sizes(args) => result,
+            interrupted = tokio::signal::ctrl_c() => {
+                interrupted.context("failed to listen for SIGINT")?;
+                anyhow::bail!("interrupted; stopped the benchmark server")
+            }
+        }
+    })
 }
 
 async fn run_sizes(args: FleetBenchArgs) -> anyhow::Result<()> {
     let (base, temp_dir) = match &args.dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
+            // The device hooks run in another working folder, so their log
+            // paths must be absolute.
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("failed to resolve --dir {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
                 .with_context(|| format!("failed to create {}", dir.display()))?;
-            (dir.clone(), None)
+            (dir, None)
         }
         None => {
             let temp = tempfile::Builder::new()

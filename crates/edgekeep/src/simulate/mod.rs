@@ -181,6 +181,10 @@ fn work_folder(
 ) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     match dir {
         Some(dir) => {
+            // The hooks run in another working folder, so their log paths
+            // must be absolute.
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("failed to resolve --dir {}", dir.display()))?;
             let run_dir = dir.join(format!("simulate-{tag}"));
             std::fs::create_dir_all(&run_dir)
                 .with_context(|| format!("failed to create {}", run_dir.display()))?;
