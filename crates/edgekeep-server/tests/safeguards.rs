@@ -303,7 +303,7 @@ async fn unlisted_backup_copies_are_swept(store: StoreChoice) {
     );
 
     // A replica that stopped between copying and listing left a copy of the
-    // finished job; a running job's copy and a key in another layout stay.
+    // finished job. A running job's copy and a key in another layout stay.
     let (running_id, _) = claim_backup(&client, project_id, &device, &agent).await;
     let prefix = format!("backups/{project_id}/{}/MASTER", device.id);
     let orphan_key = format!("{prefix}/1700000000000-{}.dat", finished.id);

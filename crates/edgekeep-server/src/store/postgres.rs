@@ -401,6 +401,33 @@ async fn select_device(client: &impl GenericClient, device_id: i64) -> Result<Op
 }
 
 /// Builds the 409 for a device that already has an active job.
+/// Stores `hash` as the administrator token: replaces the existing one,
+/// revoked or not, or inserts it.
+async fn upsert_admin_token(
+    client: &impl GenericClient,
+    hash: &str,
+    now: i64,
+) -> Result<TokenInfo> {
+    let updated = client
+        .execute(
+            "UPDATE tokens SET hash = $1, revoked_at = NULL, expires_at = NULL
+             WHERE name = $2 AND admin",
+            &[&hash, &ADMIN_TOKEN_NAME],
+        )
+        .await?;
+    if updated == 0 {
+        client
+            .execute(
+                "INSERT INTO tokens (name, hash, admin, created_at) VALUES ($1, $2, TRUE, $3)",
+                &[&ADMIN_TOKEN_NAME, &hash, &now],
+            )
+            .await?;
+    }
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1");
+    let row = client.query_one(&sql, &[&hash]).await?;
+    token_from_row(&row)
+}
+
 async fn active_job_conflict(client: &impl GenericClient, device_id: i64) -> Error {
     let active = client
         .query_opt(
@@ -782,24 +809,7 @@ impl Store for PostgresStore {
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
             .await?;
-        let updated = transaction
-            .execute(
-                "UPDATE tokens SET hash = $1, revoked_at = NULL, expires_at = NULL
-                 WHERE name = $2 AND admin",
-                &[&hash, &ADMIN_TOKEN_NAME],
-            )
-            .await?;
-        if updated == 0 {
-            transaction
-                .execute(
-                    "INSERT INTO tokens (name, hash, admin, created_at) VALUES ($1, $2, TRUE, $3)",
-                    &[&ADMIN_TOKEN_NAME, &hash, &now],
-                )
-                .await?;
-        }
-        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1");
-        let row = transaction.query_one(&sql, &[&hash]).await?;
-        let info = token_from_row(&row)?;
+        let info = upsert_admin_token(&transaction, hash, now).await?;
         transaction.commit().await?;
         Ok(info)
     }
@@ -829,24 +839,7 @@ impl Store for PostgresStore {
         }
 
         // A revoked administrator token is replaced, as set_admin_token does.
-        let updated = transaction
-            .execute(
-                "UPDATE tokens SET hash = $1, revoked_at = NULL, expires_at = NULL
-                 WHERE name = $2 AND admin",
-                &[&hash, &ADMIN_TOKEN_NAME],
-            )
-            .await?;
-        if updated == 0 {
-            transaction
-                .execute(
-                    "INSERT INTO tokens (name, hash, admin, created_at) VALUES ($1, $2, TRUE, $3)",
-                    &[&ADMIN_TOKEN_NAME, &hash, &now],
-                )
-                .await?;
-        }
-        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1");
-        let row = transaction.query_one(&sql, &[&hash]).await?;
-        let info = token_from_row(&row)?;
+        let info = upsert_admin_token(&transaction, hash, now).await?;
         transaction.commit().await?;
         Ok(Some(info))
     }

@@ -197,6 +197,28 @@ fn backup_from_row(row: &Row) -> rusqlite::Result<BackupRecord> {
     })
 }
 
+/// Stores `hash` as the administrator token: replaces the existing one,
+/// revoked or not, or inserts it.
+fn upsert_admin_token(
+    connection: &rusqlite::Connection,
+    hash: &str,
+    now: i64,
+) -> rusqlite::Result<TokenInfo> {
+    let updated = connection.execute(
+        "UPDATE tokens SET hash = ?1, revoked_at = NULL, expires_at = NULL
+         WHERE name = ?2 AND admin = 1",
+        params![hash, ADMIN_TOKEN_NAME],
+    )?;
+    if updated == 0 {
+        connection.execute(
+            "INSERT INTO tokens (name, hash, admin, created_at) VALUES (?1, ?2, 1, ?3)",
+            params![ADMIN_TOKEN_NAME, hash, now],
+        )?;
+    }
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1");
+    connection.query_row(&sql, [hash], token_from_row)
+}
+
 fn token_from_row(row: &Row) -> rusqlite::Result<TokenInfo> {
     let project_ids: Option<String> = row.get(3)?;
     let project_ids = project_ids
@@ -617,19 +639,7 @@ impl Store for SqliteStore {
         let hash = hash.to_string();
         self.call(move |c| {
             let transaction = c.transaction()?;
-            let updated = transaction.execute(
-                "UPDATE tokens SET hash = ?1, revoked_at = NULL, expires_at = NULL
-                 WHERE name = ?2 AND admin = 1",
-                params![hash, ADMIN_TOKEN_NAME],
-            )?;
-            if updated == 0 {
-                transaction.execute(
-                    "INSERT INTO tokens (name, hash, admin, created_at) VALUES (?1, ?2, 1, ?3)",
-                    params![ADMIN_TOKEN_NAME, hash, now],
-                )?;
-            }
-            let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1");
-            let info = transaction.query_row(&sql, [&hash], token_from_row)?;
+            let info = upsert_admin_token(&transaction, &hash, now)?;
             transaction.commit()?;
             Ok(info)
         })
@@ -654,19 +664,7 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             // A revoked administrator token is replaced, as set_admin_token does.
-            let updated = transaction.execute(
-                "UPDATE tokens SET hash = ?1, revoked_at = NULL, expires_at = NULL
-                 WHERE name = ?2 AND admin = 1",
-                params![hash, ADMIN_TOKEN_NAME],
-            )?;
-            if updated == 0 {
-                transaction.execute(
-                    "INSERT INTO tokens (name, hash, admin, created_at) VALUES (?1, ?2, 1, ?3)",
-                    params![ADMIN_TOKEN_NAME, hash, now],
-                )?;
-            }
-            let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1");
-            let info = transaction.query_row(&sql, [&hash], token_from_row)?;
+            let info = upsert_admin_token(&transaction, &hash, now)?;
             transaction.commit()?;
             Ok(Some(info))
         })
